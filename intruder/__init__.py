@@ -1,0 +1,16 @@
+"""intruder: what did fine-tuning do to a model? Intruder dimensions and effective rank, exactly and fast.
+
+    from intruder import find_intruders
+    report = find_intruders("path/to/base", "path/to/lora-adapter")
+    print(report.summary())
+"""
+
+from .errors import IntruderError
+from .intruders import find_intruders
+from .results import IntruderReport, LayerResult
+from .spectra import effective_rank
+from .weights import Weights, open_weights
+
+__all__ = ["find_intruders", "open_weights", "effective_rank", "IntruderReport", "LayerResult", "Weights",
+           "IntruderError"]
+__version__ = "0.1.0"

@@ -1,0 +1,231 @@
+"""Singular spectra: the base factors of a pretrained matrix, their on-disk cache, effective and stable rank.
+
+Notation: W (m, n) = U diag(S) Vᵀ, S descending. p = min(m, n) is the *small side*: the base factors are the
+complete basis of that side (U when m <= n, else V), found by `eigh` of the float64 Gram matrix, which is
+about twice as fast as an SVD and gives the same vectors wherever the spectrum has a gap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class BaseFactors:
+    """The complete singular basis of the small side of W0 (m, n).
+
+    basis: (p, p) float64, columns are singular vectors by descending `sigma`; left vectors when `left`.
+    sigma: (p,) float64, the singular values of W0, descending.
+    left: True when m <= n (basis spans the output side), False when the basis is V.
+    """
+
+    basis: torch.Tensor
+    sigma: torch.Tensor
+    left: bool
+
+    def to(self, device: torch.device | str) -> "BaseFactors":
+        return BaseFactors(self.basis.to(device), self.sigma.to(device), self.left)
+
+
+def base_factors(w: torch.Tensor) -> BaseFactors:
+    """W0 (m, n) -> BaseFactors of its small side, via eigh of W0 W0ᵀ or W0ᵀ W0 in float64."""
+    w = w.to(torch.float64)
+    left = w.shape[0] <= w.shape[1]
+    gram = w @ w.T if left else w.T @ w
+    del w
+    if gram.device.type == "cpu":
+        # scipy's in-place driver keeps peak memory at one p x p matrix besides the result
+        from scipy.linalg import eigh
+
+        values, vectors = eigh(gram.numpy(), overwrite_a=True, check_finite=False, driver="evd")
+        values, vectors = torch.from_numpy(values), torch.from_numpy(vectors)
+    else:
+        values, vectors = torch.linalg.eigh(gram)
+    return BaseFactors(vectors.flip(-1).contiguous(), values.flip(-1).clamp_min(0).sqrt(), left)
+
+
+def effective_rank(x) -> float:
+    """Effective rank of Roy & Vetterli (2007): exp of the entropy of σ / Σσ.
+
+    x: a matrix (its singular values are computed in float64) or a 1-D array of singular values.
+    """
+    sigma = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(torch.float64)
+    if sigma.ndim == 2:
+        sigma = torch.linalg.svdvals(sigma)
+    elif sigma.ndim != 1:
+        raise ValueError(f"effective_rank takes a matrix or a 1-D tensor of singular values, got {sigma.ndim}-D")
+    if bool((sigma < 0).any()) or not bool(torch.isfinite(sigma).all()):
+        raise ValueError("singular values must be finite and non-negative")
+    total = sigma.sum()
+    if total == 0:
+        return 0.0
+    p = sigma[sigma > 0] / total
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def stable_rank(sigma) -> float:
+    """‖W‖_F² / ‖W‖_2² from singular values; 0 for a zero matrix."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    top = sigma.max() if sigma.numel() else torch.tensor(0.0)
+    return 0.0 if top == 0 else float((sigma**2).sum() / top**2)
+
+
+def low_rank_singular_values(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """All nonzero singular values of left @ right, left (m, r), right (r, n) -> (r,), in O((m + n) r²)."""
+    _, r_left = torch.linalg.qr(left.to(torch.float64))
+    _, r_right = torch.linalg.qr(right.to(torch.float64).T)
+    return torch.linalg.svdvals(r_left @ r_right.T)
+
+
+def singular_values(w: torch.Tensor) -> torch.Tensor:
+    """All min(m, n) singular values of W, descending, from the float64 Gram matrix of its small side."""
+    w = w.to(torch.float64)
+    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    if gram.device.type == "cpu":
+        from scipy.linalg import eigvalsh
+
+        values = torch.from_numpy(eigvalsh(gram.numpy(), overwrite_a=True, check_finite=False))
+    else:
+        values = torch.linalg.eigvalsh(gram)
+    return values.flip(0).clamp_min(0).sqrt()
+
+
+def default_cache_dir() -> Path:
+    """$INTRUDER_CACHE, else $XDG_CACHE_HOME/intruder, else ~/.cache/intruder."""
+    if os.environ.get("INTRUDER_CACHE"):
+        return Path(os.environ["INTRUDER_CACHE"]).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "intruder"
+
+
+def tensor_digest(w: torch.Tensor) -> str:
+    """A content hash of a tensor: dtype, shape and raw bytes."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"{w.dtype}|{tuple(w.shape)}|".encode())
+    h.update(w.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+class FactorCache:
+    """Base factors on disk, keyed by the content hash of the base tensor.
+
+    Entries are safetensors files written to a temporary name and renamed into place, so a reader never sees
+    a half-written entry and two processes filling the same entry both succeed. An entry that cannot be read,
+    fails its checksum, or was written for another tensor is recomputed with a warning, never trusted.
+    Hashing a large tensor costs about as much as reading it, so the hash of a tensor inside an unchanged
+    file (same path, size, mtime and inode) is remembered in `digests/`.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self.directory = Path(directory).expanduser() if directory is not None else default_cache_dir()
+
+    def factors(self, w: torch.Tensor, fingerprint: str | None = None) -> BaseFactors:
+        """BaseFactors of `w`, from the cache when an intact entry exists, else computed and stored."""
+        key = self._digest(w, fingerprint)
+        path = self.directory / "factors" / key[:2] / f"{key}.safetensors"
+        cached = self._load(path, key, tuple(w.shape)) if path.exists() else None
+        if cached is not None:
+            return cached
+        factors = base_factors(w)
+        self._store(path, key, tuple(w.shape), factors)
+        return factors
+
+    def _digest(self, w: torch.Tensor, fingerprint: str | None) -> str:
+        memo = None
+        if fingerprint is not None:
+            name = hashlib.blake2b(fingerprint.encode(), digest_size=16).hexdigest()
+            memo = self.directory / "digests" / name[:2] / name
+            try:
+                text = memo.read_text()
+                if len(text) == 40:
+                    return text
+            except OSError:
+                pass
+        digest = tensor_digest(w)
+        if memo is not None:
+            try:
+                _atomic_write(memo, lambda tmp: tmp.write_bytes(digest.encode()))
+            except OSError:
+                pass  # only a missed shortcut
+        return digest
+
+    def _load(self, path: Path, key: str, shape: tuple[int, ...]) -> BaseFactors | None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                basis, sigma = f.get_tensor("basis"), f.get_tensor("sigma")
+            problem = _check_entry(meta, key, shape, basis, sigma)
+        except Exception as exc:  # any unreadable entry is recomputed, never fatal
+            problem = f"unreadable ({exc})"
+        if problem is None:
+            return BaseFactors(basis, sigma, meta["left"] == "1")
+        warnings.warn(f"cache entry {path} is {problem}; recomputing it", RuntimeWarning, stacklevel=3)
+        return None
+
+    def _store(self, path: Path, key: str, shape: tuple[int, ...], factors: BaseFactors) -> None:
+        from safetensors.torch import save_file
+
+        basis, sigma = factors.basis.cpu().contiguous(), factors.sigma.cpu().contiguous()
+        meta = {
+            "version": FORMAT_VERSION,
+            "key": key,
+            "shape": ",".join(map(str, shape)),
+            "left": "1" if factors.left else "0",
+            "crc": str(_crc(basis, sigma)),
+        }
+        try:
+            _atomic_write(path, lambda tmp: save_file({"basis": basis, "sigma": sigma}, tmp, metadata=meta))
+        except OSError as exc:
+            warnings.warn(f"cannot write the factor cache at {path} ({exc}); continuing without it",
+                          RuntimeWarning, stacklevel=3)
+
+
+def _check_entry(meta: dict, key: str, shape: tuple[int, ...], basis, sigma) -> str | None:
+    """None when a cache entry is intact and belongs to `key`, else what is wrong with it."""
+    if meta.get("version") != FORMAT_VERSION:
+        return f"of format version {meta.get('version')!r}, not {FORMAT_VERSION}"
+    if meta.get("key") != key or meta.get("shape") != ",".join(map(str, shape)):
+        return "stale (written for another tensor)"
+    p = min(shape)
+    if tuple(basis.shape) != (p, p) or tuple(sigma.shape) != (p,):
+        return "of the wrong size"
+    if meta.get("crc") != str(_crc(basis, sigma)):
+        return "corrupt (checksum mismatch)"
+    return None
+
+
+def _crc(*tensors: torch.Tensor) -> int:
+    crc = 0
+    for t in tensors:
+        crc = zlib.crc32(t.contiguous().view(-1).view(torch.uint8).numpy(), crc)
+    return crc
+
+
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Let `write` fill a temporary file beside `path`, flush it to disk, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

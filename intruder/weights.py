@@ -1,0 +1,334 @@
+"""One lazy reader for model weights, whatever the format underneath.
+
+`open_weights(source)` returns a `Weights`: a context-managed, read-only view with `keys()`, `shape(name)`
+and `get(name)`, which loads one tensor at a time. Sources: a Hugging Face model directory (single or sharded
+safetensors, or `.bin` read with `weights_only=True`), a single `.safetensors`/`.bin`/`.pt`/`.gguf` file, a
+hub id, a state dict, an `nn.Module`, or a PEFT LoRA adapter directory (merged on the fly over its base).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+
+from .errors import CorruptWeightsError, IntruderError, OfflineError, WeightsNotFoundError
+
+
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """ΔW = left @ right, scale already folded in: left (out, r), right (r, in), float64."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.left.shape[1]
+
+    def dense(self) -> torch.Tensor:
+        return self.left @ self.right
+
+
+class Weights:
+    """A lazy, read-only view of one model's tensors; `get` loads one tensor at a time.
+
+    Subclasses implement `keys`, `shape` and `get`. Adapters also implement `low_rank_update` and
+    `changed_keys`, so that the analysis can use the update's structure and skip what did not change.
+    """
+
+    source: str = "<weights>"
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fingerprint(self, name: str) -> str | None:
+        """A cheap identity of the stored bytes of `name` (file, size, mtime, tensor), or None.
+
+        The factor cache uses it to remember a tensor's content hash without rehashing unchanged files.
+        """
+        return None
+
+    def low_rank_update(self, name: str) -> LowRankUpdate | None:
+        """The update ΔW of `name` as low-rank factors when the source knows them (a LoRA adapter)."""
+        return None
+
+    def changed_keys(self) -> set[str] | None:
+        """The tensors that differ from the base, when the source knows (an adapter); None if unknown."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def __contains__(self, name: str) -> bool:
+        return name in set(self.keys())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __enter__(self) -> "Weights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source!r}, {len(self.keys())} tensors)"
+
+    def _missing(self, name: str) -> WeightsNotFoundError:
+        return WeightsNotFoundError(
+            f"tensor {name!r} is not in {self.source}; it has {len(self.keys())} tensors, "
+            f"e.g. {', '.join(self.keys()[:3])}"
+        )
+
+
+class StateDictWeights(Weights):
+    """A state dict or an `nn.Module`, already in memory."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], source: str = "<state dict>"):
+        self._tensors = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+        self.source = source
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._tensors:
+            raise self._missing(name)
+        return tuple(self._tensors[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._tensors:
+            raise self._missing(name)
+        return self._tensors[name].detach()
+
+
+class SafetensorsWeights(Weights):
+    """One or more safetensors files; each `get` opens, copies one tensor out and closes the mapping."""
+
+    def __init__(self, files: list[Path], source: str):
+        from safetensors import safe_open
+
+        self.source = source
+        self._where: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for file in files:
+            _require_file(file)
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for key in f.keys():
+                        self._where[key] = file
+                        self._shapes[key] = tuple(f.get_slice(key).get_shape())
+            except Exception as exc:  # safetensors raises its own error types for every bad header
+                raise CorruptWeightsError(
+                    f"{file} is not a readable safetensors file ({exc}); it may be truncated or "
+                    "still downloading: download it again"
+                ) from exc
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._shapes:
+            raise self._missing(name)
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self._where:
+            raise self._missing(name)
+        file = self._where[name]
+        try:
+            with safe_open(file, framework="pt") as f:
+                return f.get_tensor(name)
+        except Exception as exc:
+            raise CorruptWeightsError(
+                f"cannot read tensor {name!r} from {file} ({exc}); the file may be truncated or "
+                "corrupt: download it again"
+            ) from exc
+
+    def fingerprint(self, name: str) -> str | None:
+        file = self._where.get(name)
+        return None if file is None else _file_fingerprint(file, name)
+
+
+class TorchBinWeights(Weights):
+    """`.bin`/`.pt` checkpoints, read with `torch.load(weights_only=True, mmap=True)`."""
+
+    def __init__(self, files: list[Path], source: str):
+        self.source = source
+        self._where: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._open: dict[Path, dict] = {}
+        for file in files:
+            for key, tensor in self._load(file).items():
+                self._where[key] = file
+                self._shapes[key] = tuple(tensor.shape)
+
+    def _load(self, file: Path) -> dict:
+        if file not in self._open:
+            _require_file(file)
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise CorruptWeightsError(
+                    f"cannot read {file} as a PyTorch checkpoint with weights_only=True ({exc}); "
+                    "it may be truncated, or hold pickled code: re-save it as safetensors"
+                ) from exc
+            if not isinstance(state, dict):
+                raise CorruptWeightsError(f"{file} holds a {type(state).__name__}, not a state dict")
+            self._open[file] = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        return self._open[file]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._shapes:
+            raise self._missing(name)
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise self._missing(name)
+        return self._load(self._where[name])[name].clone()
+
+    def fingerprint(self, name: str) -> str | None:
+        file = self._where.get(name)
+        return None if file is None else _file_fingerprint(file, name)
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def open_weights(source, *, base=None) -> Weights:
+    """Open `source` lazily; pass the result to `find_intruders`, or read tensors with `get`.
+
+    source: a `Weights`, a state dict, an `nn.Module`, a path (model directory, adapter directory,
+        `.safetensors`, `.bin`, `.pt` or `.gguf` file) or a Hugging Face hub id.
+    base: for a PEFT adapter, the model it was trained on (anything `open_weights` accepts); defaults to
+        the adapter config's `base_model_name_or_path`.
+    """
+    if isinstance(source, Weights):
+        return source
+    if isinstance(source, torch.nn.Module):
+        return StateDictWeights(source.state_dict(), source=f"<{type(source).__name__}>")
+    if isinstance(source, Mapping):
+        return StateDictWeights(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise IntruderError(
+            f"cannot open weights from a {type(source).__name__}; pass a path, a hub id, a state dict "
+            "or an nn.Module"
+        )
+    path = Path(source).expanduser()
+    if not path.exists():
+        if _looks_like_hub_id(str(source)):
+            path = _download(str(source))
+        else:
+            raise WeightsNotFoundError(f"{path} does not exist: pass an existing model directory or file")
+    if path.is_dir() and (path / "adapter_config.json").exists():
+        from .adapters import AdapterWeights
+
+        return AdapterWeights(path, base=base)
+    return _open_path(path)
+
+
+def _open_path(path: Path) -> Weights:
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".safetensors":
+            return SafetensorsWeights([path], source=str(path))
+        if suffix in (".bin", ".pt", ".pth"):
+            return TorchBinWeights([path], source=str(path))
+        if suffix == ".gguf":
+            from ._gguf import GGUFWeights
+
+            return GGUFWeights(path)
+        raise CorruptWeightsError(
+            f"{path}: unknown weights format {suffix!r}; expected .safetensors, .bin, .pt or .gguf"
+        )
+    files = _shard_files(path, "model.safetensors")
+    if files:
+        return SafetensorsWeights(files, source=str(path))
+    files = _shard_files(path, "pytorch_model.bin")
+    if files:
+        return TorchBinWeights(files, source=str(path))
+    loose = sorted(path.glob("*.safetensors"))
+    if loose:
+        return SafetensorsWeights(loose, source=str(path))
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return _open_path(ggufs[0])
+    present = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+    raise WeightsNotFoundError(
+        f"{path} holds no model weights (found: {present}); expected model.safetensors, a sharded "
+        "model.safetensors.index.json, pytorch_model.bin, a .gguf file, or adapter_config.json"
+    )
+
+
+def _shard_files(directory: Path, single: str) -> list[Path]:
+    """[directory/single], or the shards an `<single>.index.json` names, or []."""
+    if (directory / single).exists():
+        return [directory / single]
+    index = directory / f"{single}.index.json"
+    if not index.exists():
+        return []
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptWeightsError(f"{index} is not a valid shard index (needs a 'weight_map')") from exc
+    return [directory / name for name in dict.fromkeys(weight_map.values())]
+
+
+def _require_file(file: Path) -> None:
+    if not file.exists():
+        raise WeightsNotFoundError(f"{file} does not exist; the checkpoint is incomplete: download it again")
+
+
+def _file_fingerprint(file: Path, name: str) -> str:
+    st = os.stat(file)
+    return f"{os.path.realpath(file)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{name}"
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
+
+
+def _download(repo_id: str) -> Path:
+    """Snapshot a hub repository's weights and configs; a clear `OfflineError` when that is impossible."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError as exc:  # pragma: no cover - transformers depends on huggingface_hub
+        raise IntruderError(f"{repo_id!r} looks like a hub id; install huggingface_hub to download it") from exc
+    patterns = ["*.json", "*.safetensors", "*.bin", "*.gguf"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except LocalEntryNotFoundError as exc:
+        raise OfflineError(
+            f"cannot download {repo_id!r}: the hub is unreachable (offline, or HF_HUB_OFFLINE is set) and "
+            "it is not in the local Hugging Face cache; download it where there is a network, or pass a "
+            "local directory"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise WeightsNotFoundError(
+            f"{repo_id!r} is neither a local path nor a hub repository you can access; check the spelling "
+            "or log in with `huggingface-cli login`"
+        ) from exc
+    except OSError as exc:
+        raise OfflineError(f"cannot download {repo_id!r} ({exc}); pass a local directory instead") from exc
