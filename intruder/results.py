@@ -7,9 +7,9 @@ import csv
 import html
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -108,7 +108,7 @@ class LayerResult:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LayerResult":
+    def from_dict(cls, data: dict) -> LayerResult:
         arrays = {key: np.asarray(data[key]) for key in _ARRAYS}
         for key in ("best_match_left", "best_match_right"):
             arrays[key] = arrays[key].astype(np.int64)
@@ -191,7 +191,7 @@ class IntruderReport:
         return text
 
     @classmethod
-    def from_json(cls, path_or_text) -> "IntruderReport":
+    def from_json(cls, path_or_text) -> IntruderReport:
         text = str(path_or_text)
         if not text.lstrip().startswith("{"):
             text = Path(path_or_text).read_text()

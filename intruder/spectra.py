@@ -12,9 +12,9 @@ import os
 import tempfile
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ class BaseFactors:
     sigma: torch.Tensor
     left: bool
 
-    def to(self, device: torch.device | str) -> "BaseFactors":
+    def to(self, device: torch.device | str) -> BaseFactors:
         return BaseFactors(self.basis.to(device), self.sigma.to(device), self.left)
 
 

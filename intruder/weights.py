@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import torch
 
@@ -77,7 +77,7 @@ class Weights:
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
 
-    def __enter__(self) -> "Weights":
+    def __enter__(self) -> Weights:
         return self
 
     def __exit__(self, *exc) -> None:
