@@ -166,8 +166,11 @@ def _analyse(name: str, base: Weights, tuned: Weights, k: int, threshold: float,
 
 
 def _check_finite(w: torch.Tensor, name: str, source: str) -> None:
-    if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+    # a NaN or Inf anywhere makes the sum non-finite: one cheap pass, the exact count only on failure
+    if w.is_floating_point() and not bool(torch.isfinite(w.sum(dtype=torch.float64))):
         bad = int((~torch.isfinite(w)).sum())
+        if bad == 0:  # only the float64 sum overflowed
+            return
         raise NonFiniteError(f"tensor {name!r} in {source} holds {bad} NaN/Inf values; "
                              "the checkpoint is damaged or training diverged: use an earlier checkpoint")
 
@@ -241,8 +244,15 @@ def _top_eigenpairs_gram(t: torch.Tensor, k: int):
 
 
 def _dense_top(m: torch.Tensor, k: int):
-    values, vectors = torch.linalg.eigh(m)
-    return values.flip(0)[:k], vectors.flip(1)[:, :k].contiguous()
+    """Top-k eigenpairs of a symmetric matrix; on the CPU only the k wanted vectors are computed."""
+    if m.device.type != "cpu":
+        values, vectors = torch.linalg.eigh(m)
+        return values.flip(0)[:k], vectors.flip(1)[:, :k].contiguous()
+    from scipy.linalg import eigh
+
+    p = m.shape[0]
+    values, vectors = eigh(m.numpy(), subset_by_index=[p - k, p - 1], overwrite_a=True, check_finite=False)
+    return torch.from_numpy(values[::-1].copy()), torch.from_numpy(vectors[:, ::-1].copy())
 
 
 def _lanczos_top(matmat, p: int, k: int):
