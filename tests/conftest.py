@@ -1,6 +1,12 @@
 import pytest
 import torch
 
+from intruder.spectra import default_cache_dir
+
+# The user's cache, read before any test points INTRUDER_CACHE elsewhere: real-model tests convert Gemma 3
+# 270M into it once (about two minutes), as the demo and the benchmark do.
+USER_CACHE = default_cache_dir()
+
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path_factory, monkeypatch):
