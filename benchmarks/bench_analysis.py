@@ -100,7 +100,9 @@ def _memory_child(base: Path, adapter: str, cache: str) -> None:
         largest = max((n for n in weights.keys() if len(weights.shape(n)) == 2 and "proj" in n),
                       key=lambda n: weights.shape(n)[0] * weights.shape(n)[1])
         shape = weights.shape(largest)
-    find_intruders({"w": torch.randn(300, 200)}, {"w": torch.randn(300, 200)}, cache_dir=False, progress=False)
+    # warm up every code path (imports, BLAS and LAPACK kernels, the cache) on one matrix of the same model
+    first = sorted(open_weights(adapter, base=base).changed_keys())[0]
+    find_intruders(base, adapter, layers=[first], cache_dir=tempfile.mkdtemp(), progress=False)
     baseline = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
     find_intruders(base, adapter, cache_dir=cache, progress=False)

@@ -12,9 +12,13 @@ The other side's cosines follow from the same eigenvectors at O(k) extra matrix-
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import platform
 import re
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,13 +74,18 @@ def find_intruders(base, tuned, *, threshold: float = 0.5, top_k: int = 10, side
     cache = None if cache_dir is False else FactorCache(cache_dir)
     names, unchanged = _select(base_w, tuned_w, layers)
     start = time.perf_counter()
-    results = []
-    for name in _progress(names, progress):
-        result = _analyse(name, base_w, tuned_w, top_k, threshold, side, device, cache)
-        if result is None:
-            unchanged.append(name)
-        else:
-            results.append(result)
+    # On the CPU the per-matrix work is many small products interleaved with ARPACK, where waking a second
+    # OpenMP thread per op costs more than it saves (1.6x slower on 2 cores): run it single-threaded, and
+    # give the base decompositions (large Gram products and eigh) all threads back.
+    results, work = [], _Workspace(device, torch.get_num_threads())
+    with _torch_threads(1 if device.type == "cpu" else None):
+        for name in _progress(names, progress):
+            result = _analyse(name, base_w, tuned_w, top_k, threshold, side, device, cache, work)
+            if result is None:
+                unchanged.append(name)
+            else:
+                results.append(result)
+            _trim_heap()
     if not results:
         raise NoCommonTensorsError(
             f"no analysed matrix differs between {base_w.source} and {tuned_w.source}: "
@@ -86,6 +95,20 @@ def find_intruders(base, tuned, *, threshold: float = 0.5, top_k: int = 10, side
             "python": platform.python_version(), "cache": None if cache is None else str(cache.directory)}
     return IntruderReport(results, threshold, top_k, side, base=base_w.source, tuned=tuned_w.source,
                           unchanged=unchanged, meta=meta)
+
+
+@contextmanager
+def _torch_threads(n: int | None):
+    """Run torch with `n` intra-op threads inside the block (None: leave as is)."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _check_options(threshold: float, top_k: int, side: str) -> None:
@@ -136,43 +159,84 @@ def _progress(names: list[str], enabled: bool):
 
 
 def _analyse(name: str, base: Weights, tuned: Weights, k: int, threshold: float, side: str,
-             device: torch.device, cache: FactorCache | None) -> LayerResult | None:
+             device: torch.device, cache: FactorCache | None, work: _Workspace) -> LayerResult | None:
     """One matrix: None when W_t == W_0, else its LayerResult."""
-    w0 = base.get(name)
-    _check_finite(w0, name, base.source)
-    factors = cache.factors(w0, base.fingerprint(name)) if cache is not None else base_factors(w0)
-    factors = factors.to(device)
-    w0 = w0.to(device=device, dtype=torch.float64, copy=True)  # owned: modified in place below
+    raw = base.get(name)
+    w0 = work.f64(raw, 0)
+    key = cache.key(raw, base.fingerprint(name)) if cache is not None else None
+    del raw
     update = tuned.low_rank_update(name)
+    if update is None:  # compare first: an unchanged matrix costs no decomposition
+        wt = tuned.get(name)
+        _check_shape(name, tuple(w0.shape), tuple(wt.shape), tuned.source)
+        wt = work.f64(wt, 1)
+        if not bool(torch.isfinite(wt.sum())):
+            raise _non_finite(wt, name, tuned.source)
+        if torch.equal(wt, w0):
+            return None
+    factors = cache.load(key, tuple(w0.shape)) if cache is not None else None
+    if factors is None:  # a cache entry exists only for a finite W_0: none is written for any other
+        try:
+            with _torch_threads(work.threads):
+                factors = base_factors(w0)
+        except NonFiniteError:
+            raise _non_finite(w0, name, base.source) from None
+        if cache is not None:
+            cache.store(key, tuple(w0.shape), factors)
+    factors = factors.to(device)
     k = min(k, min(w0.shape))
     if update is not None:
         _check_shape(name, tuple(w0.shape), (update.left.shape[0], update.right.shape[1]), tuned.source)
         left, right = update.left.to(device, torch.float64), update.right.to(device, torch.float64)
-        _check_finite(left, name, tuned.source)
-        _check_finite(right, name, tuned.source)
+        if not bool(torch.isfinite(left).all() and torch.isfinite(right).all()):
+            raise _non_finite(left @ right, name, tuned.source)
         proj = _project_low_rank(w0, factors, LowRankUpdate(left, right), k)
         delta_sigma, kind = low_rank_singular_values(left, right), "low-rank"
     else:
-        wt = tuned.get(name)
-        _check_shape(name, tuple(w0.shape), tuple(wt.shape), tuned.source)
-        _check_finite(wt, name, tuned.source)
-        wt = wt.to(device=device, dtype=torch.float64, copy=True)
-        if torch.equal(wt, w0):
-            return None
         proj = _project_dense(w0, factors, wt, k)
         delta_sigma, kind = singular_values(w0.sub_(wt)), "dense"  # W_0 - W_t: same singular values as ΔW
-        del wt
     return _layer_result(name, tuple(w0.shape), factors, proj, delta_sigma, kind, threshold, side)
 
 
-def _check_finite(w: torch.Tensor, name: str, source: str) -> None:
-    # a NaN or Inf anywhere makes the sum non-finite: one cheap pass, the exact count only on failure
-    if w.is_floating_point() and not bool(torch.isfinite(w.sum(dtype=torch.float64))):
-        bad = int((~torch.isfinite(w)).sum())
-        if bad == 0:  # only the float64 sum overflowed
-            return
-        raise NonFiniteError(f"tensor {name!r} in {source} holds {bad} NaN/Inf values; "
-                             "the checkpoint is damaged or training diverged: use an earlier checkpoint")
+def _trim_heap() -> None:
+    """Give memory freed by the last matrix back to the OS. glibc keeps freed blocks of up to 32 MB in its
+    heap, so without this the resident size of a long run grows far past what the analysis holds."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        _MALLOC_TRIM = False
+        if sys.platform.startswith("linux"):
+            try:
+                _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+            except (OSError, AttributeError):  # not glibc (musl, ...): nothing to trim
+                pass
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
+class _Workspace:
+    """Reusable float64 buffers, one per slot, grown to the largest matrix: converting each matrix into
+    memory that is already mapped avoids page-faulting a fresh allocation per matrix."""
+
+    def __init__(self, device: torch.device, threads: int):
+        self.device, self.threads = device, threads  # threads: for the base decompositions
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    def f64(self, w: torch.Tensor, slot: int) -> torch.Tensor:
+        """A float64 copy of `w` on the device, owned by this workspace until the next call for `slot`."""
+        buf = self.buffers.get(slot)
+        if buf is None or buf.numel() < w.numel():
+            buf = self.buffers[slot] = torch.empty(0)  # release the old buffer before growing
+            buf = self.buffers[slot] = torch.empty(w.numel(), dtype=torch.float64, device=self.device)
+        return buf[: w.numel()].view(w.shape).copy_(w)
+
+
+def _non_finite(w: torch.Tensor, name: str, source: str) -> NonFiniteError:
+    bad = int((~torch.isfinite(w)).sum())
+    return NonFiniteError(f"tensor {name!r} in {source} holds {bad} NaN/Inf values; "
+                          "the checkpoint is damaged or training diverged: use an earlier checkpoint")
 
 
 def _check_shape(name: str, base_shape: tuple, tuned_shape: tuple, source: str) -> None:
@@ -244,15 +308,8 @@ def _top_eigenpairs_gram(t: torch.Tensor, k: int):
 
 
 def _dense_top(m: torch.Tensor, k: int):
-    """Top-k eigenpairs of a symmetric matrix; on the CPU only the k wanted vectors are computed."""
-    if m.device.type != "cpu":
-        values, vectors = torch.linalg.eigh(m)
-        return values.flip(0)[:k], vectors.flip(1)[:, :k].contiguous()
-    from scipy.linalg import eigh
-
-    p = m.shape[0]
-    values, vectors = eigh(m.numpy(), subset_by_index=[p - k, p - 1], overwrite_a=True, check_finite=False)
-    return torch.from_numpy(values[::-1].copy()), torch.from_numpy(vectors[:, ::-1].copy())
+    values, vectors = torch.linalg.eigh(m)
+    return values.flip(0)[:k], vectors.flip(1)[:, :k].contiguous()
 
 
 def _lanczos_top(matmat, p: int, k: int):

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import NonFiniteError
+
 FORMAT_VERSION = "1"
 
 
@@ -40,20 +42,21 @@ class BaseFactors:
 
 
 def base_factors(w: torch.Tensor) -> BaseFactors:
-    """W0 (m, n) -> BaseFactors of its small side, via eigh of W0 W0ᵀ or W0ᵀ W0 in float64."""
+    """W0 (m, n) -> BaseFactors of its small side, via eigh of W0 W0ᵀ or W0ᵀ W0 in float64.
+
+    Raises NonFiniteError when W0 holds NaN or Inf (every such entry reaches the Gram matrix's diagonal).
+    """
     w = w.to(torch.float64)
     left = w.shape[0] <= w.shape[1]
     gram = w @ w.T if left else w.T @ w
     del w
-    if gram.device.type == "cpu":
-        # scipy's in-place driver keeps peak memory at one p x p matrix besides the result
-        from scipy.linalg import eigh
-
-        values, vectors = eigh(gram.numpy(), overwrite_a=True, check_finite=False, driver="evd")
-        values, vectors = torch.from_numpy(values), torch.from_numpy(vectors)
-    else:
-        values, vectors = torch.linalg.eigh(gram)
-    return BaseFactors(vectors.flip(-1).contiguous(), values.flip(-1).clamp_min(0).sqrt(), left)
+    if not bool(torch.isfinite(gram.diagonal()).all()):
+        raise NonFiniteError("the matrix holds NaN or Inf values")
+    values, vectors = torch.linalg.eigh(gram)
+    del gram
+    basis = vectors.flip(-1).contiguous()
+    del vectors
+    return BaseFactors(basis, values.flip(-1).clamp_min(0).sqrt(), left)
 
 
 def effective_rank(x) -> float:
@@ -93,13 +96,7 @@ def singular_values(w: torch.Tensor) -> torch.Tensor:
     """All min(m, n) singular values of W, descending, from the float64 Gram matrix of its small side."""
     w = w.to(torch.float64)
     gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
-    if gram.device.type == "cpu":
-        from scipy.linalg import eigvalsh
-
-        values = torch.from_numpy(eigvalsh(gram.numpy(), overwrite_a=True, check_finite=False))
-    else:
-        values = torch.linalg.eigvalsh(gram)
-    return values.flip(0).clamp_min(0).sqrt()
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
 
 
 def default_cache_dir() -> Path:
@@ -133,14 +130,25 @@ class FactorCache:
 
     def factors(self, w: torch.Tensor, fingerprint: str | None = None) -> BaseFactors:
         """BaseFactors of `w`, from the cache when an intact entry exists, else computed and stored."""
-        key = self._digest(w, fingerprint)
-        path = self.directory / "factors" / key[:2] / f"{key}.safetensors"
-        cached = self._load(path, key, tuple(w.shape)) if path.exists() else None
-        if cached is not None:
-            return cached
-        factors = base_factors(w)
-        self._store(path, key, tuple(w.shape), factors)
+        key = self.key(w, fingerprint)
+        return self.load(key, tuple(w.shape)) or self.store(key, tuple(w.shape), base_factors(w))
+
+    def key(self, w: torch.Tensor, fingerprint: str | None = None) -> str:
+        """The content hash of `w`; `fingerprint` (see `Weights.fingerprint`) lets an unchanged file skip it."""
+        return self._digest(w, fingerprint)
+
+    def load(self, key: str, shape: tuple[int, ...]) -> BaseFactors | None:
+        """The entry for `key`, or None when there is none or it is damaged (with a warning)."""
+        path = self._path(key)
+        return self._load(path, key, shape) if path.exists() else None
+
+    def store(self, key: str, shape: tuple[int, ...], factors: BaseFactors) -> BaseFactors:
+        """Write an entry atomically (a warning, not an error, when the cache is not writable)."""
+        self._store(self._path(key), key, shape, factors)
         return factors
+
+    def _path(self, key: str) -> Path:
+        return self.directory / "factors" / key[:2] / f"{key}.safetensors"
 
     def _digest(self, w: torch.Tensor, fingerprint: str | None) -> str:
         memo = None
@@ -162,12 +170,11 @@ class FactorCache:
         return digest
 
     def _load(self, path: Path, key: str, shape: tuple[int, ...]) -> BaseFactors | None:
-        from safetensors import safe_open
+        from .weights import SafetensorsWeights
 
         try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                basis, sigma = f.get_tensor("basis"), f.get_tensor("sigma")
+            entry = SafetensorsWeights([path], source=str(path))
+            meta, basis, sigma = entry.metadata, entry.get("basis"), entry.get("sigma")
             problem = _check_entry(meta, key, shape, basis, sigma)
         except Exception as exc:  # any unreadable entry is recomputed, never fatal
             problem = f"unreadable ({exc})"

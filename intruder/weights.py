@@ -9,6 +9,7 @@ hub id, a state dict, an `nn.Module`, or a PEFT LoRA adapter directory (merged o
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -115,53 +116,104 @@ class StateDictWeights(Weights):
 
 
 class SafetensorsWeights(Weights):
-    """One or more safetensors files; each `get` opens, copies one tensor out and closes the mapping."""
+    """One or more safetensors files, read with plain `readinto` one tensor at a time.
+
+    Reading into fresh memory, rather than through a memory map as `safe_open` does, keeps the process's
+    resident memory at the tensors in use: pages of a mapped multi-GB file would stay counted until the
+    mapping is garbage-collected.
+    """
 
     def __init__(self, files: list[Path], source: str):
-        from safetensors import safe_open
-
         self.source = source
-        self._where: dict[str, Path] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._entries: dict[str, _Entry] = {}
+        self.metadata: dict[str, str] = {}  # the first file's `__metadata__`
         for file in files:
-            _require_file(file)
-            try:
-                with safe_open(file, framework="pt") as f:
-                    for key in f.keys():
-                        self._where[key] = file
-                        self._shapes[key] = tuple(f.get_slice(key).get_shape())
-            except Exception as exc:  # safetensors raises its own error types for every bad header
-                raise CorruptWeightsError(
-                    f"{file} is not a readable safetensors file ({exc}); it may be truncated or "
-                    "still downloading: download it again"
-                ) from exc
+            entries, metadata = _read_header(file)
+            self._entries.update(entries)
+            self.metadata = self.metadata or metadata
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(self._entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if name not in self._shapes:
+        if name not in self._entries:
             raise self._missing(name)
-        return self._shapes[name]
+        return self._entries[name].shape
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        if name not in self._where:
+        if name not in self._entries:
             raise self._missing(name)
-        file = self._where[name]
-        try:
-            with safe_open(file, framework="pt") as f:
-                return f.get_tensor(name)
-        except Exception as exc:
-            raise CorruptWeightsError(
-                f"cannot read tensor {name!r} from {file} ({exc}); the file may be truncated or "
-                "corrupt: download it again"
-            ) from exc
+        e = self._entries[name]
+        out = torch.empty(e.shape, dtype=e.dtype)
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        with open(e.file, "rb") as f:
+            f.seek(e.start)
+            got = f.readinto(view)
+        if got != e.nbytes:
+            raise CorruptWeightsError(f"{e.file} ends inside tensor {name!r} (read {got} of {e.nbytes} bytes); "
+                                      "the file is truncated: download it again")
+        return out
 
     def fingerprint(self, name: str) -> str | None:
-        file = self._where.get(name)
-        return None if file is None else _file_fingerprint(file, name)
+        e = self._entries.get(name)
+        return None if e is None else _file_fingerprint(e.file, name)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _read_header(file: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
+    """Parse a safetensors header (8-byte little-endian length, JSON) and check every entry fits the file."""
+    _require_file(file)
+    size = file.stat().st_size
+
+    def corrupt(why: str) -> CorruptWeightsError:
+        return CorruptWeightsError(f"{file} is not a readable safetensors file ({why}); it may be truncated "
+                                   "or still downloading: download it again")
+
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise corrupt(f"only {size} bytes")
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > 100_000_000:
+            raise corrupt(f"header length {n} exceeds the file size {size}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as exc:
+            raise corrupt(f"header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise corrupt(f"bad entry for tensor {name!r}: {info}") from exc
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes or 8 + n + end > size:
+            raise corrupt(f"tensor {name!r} {list(shape)} {info['dtype']} needs bytes {begin}..{end} past the "
+                          f"{size - 8 - n}-byte data section")
+        entries[name] = _Entry(file, dtype, shape, 8 + n + begin, nbytes)
+    metadata = header.get("__metadata__") or {}
+    return entries, metadata if isinstance(metadata, dict) else {}
 
 
 class TorchBinWeights(Weights):
