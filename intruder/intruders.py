@@ -12,18 +12,15 @@ The other side's cosines follow from the same eigenvectors at O(k) extra matrix-
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import platform
 import re
-import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ._runtime import Fetched, Workspace, stream_base, torch_threads, trim_heap
 from .errors import IntruderError, NoCommonTensorsError, NonFiniteError, ShapeMismatchError
 from .results import SIDES, IntruderReport, LayerResult
 from .spectra import (
@@ -36,7 +33,7 @@ from .spectra import (
 from .weights import LowRankUpdate, Weights, open_weights
 
 SIMILARITY_WIDTH = 128  # base vectors kept in LayerResult.similarity (the paper's Figure 1)
-_DENSE_EIGH_LIMIT = 256  # below this small-side size a dense eigh beats Lanczos
+_DENSE_EIGH_LIMIT = 128  # below this small-side size a dense eigh beats Lanczos
 _NULL_TOL = 1e-7  # base singular values below this fraction of the largest span the null space
 
 
@@ -77,15 +74,15 @@ def find_intruders(base, tuned, *, threshold: float = 0.5, top_k: int = 10, side
     # On the CPU the per-matrix work is many small products interleaved with ARPACK, where waking a second
     # OpenMP thread per op costs more than it saves (1.6x slower on 2 cores): run it single-threaded, and
     # give the base decompositions (large Gram products and eigh) all threads back.
-    results, work = [], _Workspace(device, torch.get_num_threads())
-    with _torch_threads(1 if device.type == "cpu" else None):
-        for name in _progress(names, progress):
-            result = _analyse(name, base_w, tuned_w, top_k, threshold, side, device, cache, work)
+    results, work = [], Workspace(device, torch.get_num_threads())
+    with torch_threads(1 if device.type == "cpu" else None):
+        for fetched in _progress(stream_base(base_w, names, cache, work), progress, len(names)):
+            result = _analyse(fetched, base_w, tuned_w, top_k, threshold, side, device, cache, work)
             if result is None:
-                unchanged.append(name)
+                unchanged.append(fetched.name)
             else:
                 results.append(result)
-            _trim_heap()
+            trim_heap()
     if not results:
         raise NoCommonTensorsError(
             f"no analysed matrix differs between {base_w.source} and {tuned_w.source}: "
@@ -95,20 +92,6 @@ def find_intruders(base, tuned, *, threshold: float = 0.5, top_k: int = 10, side
             "python": platform.python_version(), "cache": None if cache is None else str(cache.directory)}
     return IntruderReport(results, threshold, top_k, side, base=base_w.source, tuned=tuned_w.source,
                           unchanged=unchanged, meta=meta)
-
-
-@contextmanager
-def _torch_threads(n: int | None):
-    """Run torch with `n` intra-op threads inside the block (None: leave as is)."""
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _check_options(threshold: float, top_k: int, side: str) -> None:
@@ -150,21 +133,19 @@ def _select(base: Weights, tuned: Weights, layers) -> tuple[list[str], list[str]
     return [n for n in common if n in changed], [n for n in common if n not in changed]
 
 
-def _progress(names: list[str], enabled: bool):
+def _progress(items, enabled: bool, total: int):
     if not enabled:
-        return names
+        return items
     from tqdm.auto import tqdm
 
-    return tqdm(names, desc="intruders", unit="matrix", leave=False)
+    return tqdm(items, total=total, desc="intruders", unit="matrix", leave=False)
 
 
-def _analyse(name: str, base: Weights, tuned: Weights, k: int, threshold: float, side: str,
-             device: torch.device, cache: FactorCache | None, work: _Workspace) -> LayerResult | None:
+def _analyse(fetched: Fetched, base: Weights, tuned: Weights, k: int, threshold: float, side: str,
+             device: torch.device, cache: FactorCache | None, work: Workspace) -> LayerResult | None:
     """One matrix: None when W_t == W_0, else its LayerResult."""
-    raw = base.get(name)
-    w0 = work.f64(raw, 0)
-    key = cache.key(raw, base.fingerprint(name)) if cache is not None else None
-    del raw
+    name = fetched.name
+    w0 = work.f64(fetched.raw, 0)
     update = tuned.low_rank_update(name)
     if update is None:  # compare first: an unchanged matrix costs no decomposition
         wt = tuned.get(name)
@@ -174,15 +155,17 @@ def _analyse(name: str, base: Weights, tuned: Weights, k: int, threshold: float,
             raise _non_finite(wt, name, tuned.source)
         if torch.equal(wt, w0):
             return None
-    factors = cache.load(key, tuple(w0.shape)) if cache is not None else None
+    factors = fetched.factors
     if factors is None:  # a cache entry exists only for a finite W_0: none is written for any other
+        fetched.raw = None
+        work.raw.clear()  # room for the decomposition; reading is a small part of a cold run
         try:
-            with _torch_threads(work.threads):
+            with torch_threads(work.threads):
                 factors = base_factors(w0)
         except NonFiniteError:
             raise _non_finite(w0, name, base.source) from None
         if cache is not None:
-            cache.store(key, tuple(w0.shape), factors)
+            cache.store(fetched.key, tuple(w0.shape), factors)
     factors = factors.to(device)
     k = min(k, min(w0.shape))
     if update is not None:
@@ -196,41 +179,6 @@ def _analyse(name: str, base: Weights, tuned: Weights, k: int, threshold: float,
         proj = _project_dense(w0, factors, wt, k)
         delta_sigma, kind = singular_values(w0.sub_(wt)), "dense"  # W_0 - W_t: same singular values as ΔW
     return _layer_result(name, tuple(w0.shape), factors, proj, delta_sigma, kind, threshold, side)
-
-
-def _trim_heap() -> None:
-    """Give memory freed by the last matrix back to the OS. glibc keeps freed blocks of up to 32 MB in its
-    heap, so without this the resident size of a long run grows far past what the analysis holds."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        _MALLOC_TRIM = False
-        if sys.platform.startswith("linux"):
-            try:
-                _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-            except (OSError, AttributeError):  # not glibc (musl, ...): nothing to trim
-                pass
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM = None
-
-
-class _Workspace:
-    """Reusable float64 buffers, one per slot, grown to the largest matrix: converting each matrix into
-    memory that is already mapped avoids page-faulting a fresh allocation per matrix."""
-
-    def __init__(self, device: torch.device, threads: int):
-        self.device, self.threads = device, threads  # threads: for the base decompositions
-        self.buffers: dict[int, torch.Tensor] = {}
-
-    def f64(self, w: torch.Tensor, slot: int) -> torch.Tensor:
-        """A float64 copy of `w` on the device, owned by this workspace until the next call for `slot`."""
-        buf = self.buffers.get(slot)
-        if buf is None or buf.numel() < w.numel():
-            buf = self.buffers[slot] = torch.empty(0)  # release the old buffer before growing
-            buf = self.buffers[slot] = torch.empty(w.numel(), dtype=torch.float64, device=self.device)
-        return buf[: w.numel()].view(w.shape).copy_(w)
 
 
 def _non_finite(w: torch.Tensor, name: str, source: str) -> NonFiniteError:

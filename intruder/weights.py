@@ -140,11 +140,20 @@ class SafetensorsWeights(Weights):
             raise self._missing(name)
         return self._entries[name].shape
 
-    def get(self, name: str) -> torch.Tensor:
+    def dtype(self, name: str) -> torch.dtype:
+        if name not in self._entries:
+            raise self._missing(name)
+        return self._entries[name].dtype
+
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor `name`, read into `out` when given (a reusable buffer of its size), else new memory."""
         if name not in self._entries:
             raise self._missing(name)
         e = self._entries[name]
-        out = torch.empty(e.shape, dtype=e.dtype)
+        if out is None:
+            out = torch.empty(e.shape, dtype=e.dtype)
+        else:
+            out = out[: math.prod(e.shape)].view(e.shape)
         view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
         with open(e.file, "rb") as f:
             f.seek(e.start)
