@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._runtime import Fetched, Workspace, stream_base, torch_threads, trim_heap
+from ._runtime import Workspace, cpu_threads, torch_threads, trim_heap
 from .errors import IntruderError, NoCommonTensorsError, NonFiniteError, ShapeMismatchError
 from .results import SIDES, IntruderReport, LayerResult
 from .spectra import (
@@ -71,15 +71,13 @@ def find_intruders(base, tuned, *, threshold: float = 0.5, top_k: int = 10, side
     cache = None if cache_dir is False else FactorCache(cache_dir)
     names, unchanged = _select(base_w, tuned_w, layers)
     start = time.perf_counter()
-    # On the CPU the per-matrix work is many small products interleaved with ARPACK, where waking a second
-    # OpenMP thread per op costs more than it saves (1.6x slower on 2 cores): run it single-threaded, and
-    # give the base decompositions (large Gram products and eigh) all threads back.
+    # small products run single-threaded (see cpu_threads); base decompositions get all torch threads back
     results, work = [], Workspace(device, torch.get_num_threads())
-    with torch_threads(1 if device.type == "cpu" else None):
-        for fetched in _progress(stream_base(base_w, names, cache, work), progress, len(names)):
-            result = _analyse(fetched, base_w, tuned_w, top_k, threshold, side, device, cache, work)
+    with cpu_threads(device):
+        for name in _progress(names, progress):
+            result = _analyse(name, base_w, tuned_w, top_k, threshold, side, device, cache, work)
             if result is None:
-                unchanged.append(fetched.name)
+                unchanged.append(name)
             else:
                 results.append(result)
             trim_heap()
@@ -133,19 +131,21 @@ def _select(base: Weights, tuned: Weights, layers) -> tuple[list[str], list[str]
     return [n for n in common if n in changed], [n for n in common if n not in changed]
 
 
-def _progress(items, enabled: bool, total: int):
+def _progress(names: list[str], enabled: bool):
     if not enabled:
-        return items
+        return names
     from tqdm.auto import tqdm
 
-    return tqdm(items, total=total, desc="intruders", unit="matrix", leave=False)
+    return tqdm(names, desc="intruders", unit="matrix", leave=False)
 
 
-def _analyse(fetched: Fetched, base: Weights, tuned: Weights, k: int, threshold: float, side: str,
+def _analyse(name: str, base: Weights, tuned: Weights, k: int, threshold: float, side: str,
              device: torch.device, cache: FactorCache | None, work: Workspace) -> LayerResult | None:
     """One matrix: None when W_t == W_0, else its LayerResult."""
-    name = fetched.name
-    w0 = work.f64(fetched.raw, 0)
+    raw = work.read(base, name)
+    w0 = work.f64(raw, 0)
+    key = cache.key(raw, base.fingerprint(name)) if cache is not None else None
+    del raw
     update = tuned.low_rank_update(name)
     if update is None:  # compare first: an unchanged matrix costs no decomposition
         wt = tuned.get(name)
@@ -155,9 +155,8 @@ def _analyse(fetched: Fetched, base: Weights, tuned: Weights, k: int, threshold:
             raise _non_finite(wt, name, tuned.source)
         if torch.equal(wt, w0):
             return None
-    factors = fetched.factors
+    factors = cache.load(key, tuple(w0.shape)) if cache is not None else None
     if factors is None:  # a cache entry exists only for a finite W_0: none is written for any other
-        fetched.raw = None
         work.raw.clear()  # room for the decomposition; reading is a small part of a cold run
         try:
             with torch_threads(work.threads):
@@ -165,7 +164,7 @@ def _analyse(fetched: Fetched, base: Weights, tuned: Weights, k: int, threshold:
         except NonFiniteError:
             raise _non_finite(w0, name, base.source) from None
         if cache is not None:
-            cache.store(fetched.key, tuple(w0.shape), factors)
+            cache.store(key, tuple(w0.shape), factors)
     factors = factors.to(device)
     k = min(k, min(w0.shape))
     if update is not None:
