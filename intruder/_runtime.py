@@ -50,6 +50,11 @@ class Workspace:
             buf = self.raw[dtype, slot] = torch.empty(numel, dtype=dtype)
         return weights.get(name, out=buf)
 
+    def release(self) -> None:
+        """Free every buffer (views handed out stay valid until dropped)."""
+        self.buffers.clear()
+        self.raw.clear()
+
     def f64(self, w: torch.Tensor, slot: int) -> torch.Tensor:
         """A float64 copy of `w` on the device, owned by this workspace until the next call for `slot`."""
         buf = self.buffers.get(slot)

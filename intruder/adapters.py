@@ -70,8 +70,8 @@ class _LoraModule:
 
     path: str
     embedding: bool = False
-    A: torch.Tensor | None = None  # (r, in) float64
-    B: torch.Tensor | None = None  # (out, r) float64
+    A: torch.Tensor | None = None  # (r, in), as stored
+    B: torch.Tensor | None = None  # (out, r), as stored
     bias: torch.Tensor | None = None  # (out,) lora_B.bias
     magnitude: torch.Tensor | None = None  # (out,) DoRA's m
     scale: float = 1.0
@@ -124,7 +124,7 @@ class AdapterWeights(Weights):
     # -- reading the checkpoint ------------------------------------------------------------------------------
 
     def _parse(self, file: Weights) -> tuple[list[_LoraModule], dict[str, str]]:
-        """Read the LoRA factors of each module (float64); note the full tensors that replace base tensors."""
+        """Read the LoRA factors of each module (as stored); note the full tensors that replace base tensors."""
         modules: dict[str, _LoraModule] = {}
         replaced: dict[str, str] = {}
         unknown = []
@@ -135,7 +135,7 @@ class AdapterWeights(Weights):
                 field, embedding = _FACTOR_SUFFIXES[suffix]
                 path = name[: -len(suffix)]
                 module = modules.setdefault(path, _LoraModule(path))
-                setattr(module, field, file.get(key).to(torch.float64))
+                setattr(module, field, file.get(key))  # stored dtype: half the memory of float64
                 module.embedding = module.embedding or bool(embedding)
             elif any(part in name for part in _IGNORED_PARTS):
                 continue
@@ -264,7 +264,7 @@ class AdapterWeights(Weights):
             return self._merged_weight(self._by_weight[name])
         if name in self._by_bias:
             module = self._by_bias[name]
-            return self._effective_base(name) + module.scale * module.bias
+            return self._effective_base(name) + module.scale * module.bias.double()
         if name in self._replaced:
             return self._effective_base(name)
         if name not in self._base_key_set:
@@ -281,9 +281,9 @@ class AdapterWeights(Weights):
         """W' = W + s·B@A, or DoRA's (m / ‖W + s·B@A‖ per output row) · (W + s·B@A); in the stored layout."""
         weight = self._effective_base(module.weight_key)
         weight = weight.T if module.transposed else weight  # (out, in)
-        merged = weight + module.scale * (module.B @ module.A)
+        merged = weight + module.scale * (module.B.double() @ module.A.double())
         if module.magnitude is not None:
-            merged = (module.magnitude / torch.linalg.norm(merged, dim=1))[:, None] * merged
+            merged = (module.magnitude.double() / torch.linalg.norm(merged, dim=1))[:, None] * merged
         return (merged.T if module.transposed else merged).contiguous()
 
     def low_rank_update(self, name: str) -> LowRankUpdate | None:
@@ -293,8 +293,9 @@ class AdapterWeights(Weights):
         if module is None or module.magnitude is not None or not self._base_kept(name):
             return None
         if module.transposed:  # (s·B@A)ᵀ = (s·Aᵀ) @ Bᵀ: left (in, r), right (r, out)
-            return LowRankUpdate(left=(module.scale * module.A.T).contiguous(), right=module.B.T.contiguous())
-        return LowRankUpdate(left=module.scale * module.B, right=module.A.clone())
+            return LowRankUpdate(left=(module.scale * module.A.double().T).contiguous(),
+                                 right=module.B.double().T.contiguous())
+        return LowRankUpdate(left=module.scale * module.B.double(), right=module.A.double())
 
     def _base_kept(self, name: str) -> bool:
         """Whether the tensor under a LoRA update is the base's own (a saved embedding layer usually is)."""

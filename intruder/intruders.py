@@ -143,28 +143,25 @@ def _analyse(name: str, base: Weights, tuned: Weights, k: int, threshold: float,
              device: torch.device, cache: FactorCache | None, work: Workspace) -> LayerResult | None:
     """One matrix: None when W_t == W_0, else its LayerResult."""
     raw = work.read(base, name)
-    w0 = work.f64(raw, 0)
     key = cache.key(raw, base.fingerprint(name)) if cache is not None else None
-    del raw
     update = tuned.low_rank_update(name)
     if update is None:  # compare first: an unchanged matrix costs no decomposition
         wt = tuned.get(name)
-        _check_shape(name, tuple(w0.shape), tuple(wt.shape), tuned.source)
-        wt = work.f64(wt, 1)
-        if not bool(torch.isfinite(wt.sum())):
-            raise _non_finite(wt, name, tuned.source)
-        if torch.equal(wt, w0):
+        _check_shape(name, tuple(raw.shape), tuple(wt.shape), tuned.source)
+        if _equal(raw, wt):
             return None
-    factors = cache.load(key, tuple(w0.shape)) if cache is not None else None
+    factors = cache.load(key, tuple(raw.shape)) if cache is not None else None
     if factors is None:  # a cache entry exists only for a finite W_0: none is written for any other
-        work.raw.clear()  # room for the decomposition; reading is a small part of a cold run
+        work.release()  # room for the decomposition; reusing buffers matters little in a cold run
         try:
             with torch_threads(work.threads):
-                factors = base_factors(w0)
+                factors = base_factors(raw.to(device))
         except NonFiniteError:
-            raise _non_finite(w0, name, base.source) from None
+            raise _non_finite(raw, name, base.source) from None
         if cache is not None:
-            cache.store(key, tuple(w0.shape), factors)
+            cache.store(key, tuple(raw.shape), factors)
+    w0 = work.f64(raw, 0)
+    del raw
     factors = factors.to(device)
     k = min(k, min(w0.shape))
     if update is not None:
@@ -175,9 +172,20 @@ def _analyse(name: str, base: Weights, tuned: Weights, k: int, threshold: float,
         proj = _project_low_rank(w0, factors, LowRankUpdate(left, right), k)
         delta_sigma, kind = low_rank_singular_values(left, right), "low-rank"
     else:
+        wt = work.f64(wt, 1)
+        if not bool(torch.isfinite(wt.sum())):
+            raise _non_finite(wt, name, tuned.source)
         proj = _project_dense(w0, factors, wt, k)
         delta_sigma, kind = singular_values(w0.sub_(wt)), "dense"  # W_0 - W_t: same singular values as ΔW
     return _layer_result(name, tuple(w0.shape), factors, proj, delta_sigma, kind, threshold, side)
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality of values, comparing in the wider dtype when the two are stored differently."""
+    if a.dtype != b.dtype:
+        wide = torch.promote_types(a.dtype, b.dtype)
+        a, b = a.to(wide), b.to(wide)
+    return torch.equal(a, b)
 
 
 def _non_finite(w: torch.Tensor, name: str, source: str) -> NonFiniteError:
