@@ -8,6 +8,7 @@ about twice as fast as an SVD and gives the same vectors wherever the spectrum h
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import warnings
@@ -126,6 +127,7 @@ class FactorCache:
 
     def __init__(self, directory: str | os.PathLike | None = None):
         self.directory = Path(directory).expanduser() if directory is not None else default_cache_dir()
+        self._memos: dict[str, dict[str, str]] = {}
 
     def factors(self, w: torch.Tensor, fingerprint: str | None = None) -> BaseFactors:
         """BaseFactors of `w`, from the cache when an intact entry exists, else computed and stored."""
@@ -150,30 +152,40 @@ class FactorCache:
         return self.directory / "factors" / key[:2] / f"{key}.safetensors"
 
     def _digest(self, w: torch.Tensor, fingerprint: str | None) -> str:
-        memo = None
-        if fingerprint is not None:
-            name = hashlib.blake2b(fingerprint.encode(), digest_size=16).hexdigest()
-            memo = self.directory / "digests" / name[:2] / name
+        if fingerprint is None:
+            return tensor_digest(w)
+        file, _, tensor = fingerprint.rpartition("|")
+        memo = self._memo(file)
+        if tensor not in memo:
+            memo[tensor] = tensor_digest(w)
+            path = self._memo_path(file)
+            text = json.dumps(memo).encode()
             try:
-                text = memo.read_text()
-                if len(text) == 40:
-                    return text
+                _atomic_write(path, lambda tmp: tmp.write_bytes(text))
             except OSError:
-                pass
-        digest = tensor_digest(w)
-        if memo is not None:
+                pass  # only a missed shortcut next time
+        return memo[tensor]
+
+    def _memo(self, file: str) -> dict[str, str]:
+        """{tensor: digest} remembered for one unchanged weights file (path, size, mtime, inode)."""
+        if file not in self._memos:
             try:
-                _atomic_write(memo, lambda tmp: tmp.write_bytes(digest.encode()))
-            except OSError:
-                pass  # only a missed shortcut
-        return digest
+                memo = json.loads(self._memo_path(file).read_text())
+            except (OSError, ValueError):
+                memo = {}
+            self._memos[file] = memo if isinstance(memo, dict) else {}
+        return self._memos[file]
+
+    def _memo_path(self, file: str) -> Path:
+        name = hashlib.blake2b(file.encode(), digest_size=16).hexdigest()
+        return self.directory / "digests" / f"{name}.json"
 
     def _load(self, path: Path, key: str, shape: tuple[int, ...]) -> BaseFactors | None:
-        from .weights import SafetensorsWeights
+        from .weights import read_safetensors
 
         try:
-            entry = SafetensorsWeights([path], source=str(path))
-            meta, basis, sigma = entry.metadata, entry.get("basis"), entry.get("sigma")
+            tensors, meta = read_safetensors(path)
+            basis, sigma = tensors["basis"], tensors["sigma"]
             problem = _check_entry(meta, key, shape, basis, sigma)
         except Exception as exc:  # any unreadable entry is recomputed, never fatal
             problem = f"unreadable ({exc})"
@@ -183,7 +195,7 @@ class FactorCache:
         return None
 
     def _store(self, path: Path, key: str, shape: tuple[int, ...], factors: BaseFactors) -> None:
-        from safetensors.torch import save_file
+        from .weights import write_safetensors
 
         basis, sigma = factors.basis.cpu().contiguous(), factors.sigma.cpu().contiguous()
         meta = {
@@ -194,7 +206,7 @@ class FactorCache:
             "checksum": str(_checksum(basis, sigma)),
         }
         try:
-            _atomic_write(path, lambda tmp: save_file({"basis": basis, "sigma": sigma}, tmp, metadata=meta))
+            _atomic_write(path, lambda tmp: write_safetensors(tmp, {"basis": basis, "sigma": sigma}, meta))
         except OSError as exc:
             warnings.warn(f"cannot write the factor cache at {path} ({exc}); continuing without it",
                           RuntimeWarning, stacklevel=3)

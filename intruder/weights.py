@@ -187,23 +187,27 @@ _SAFETENSORS_DTYPES = {
 def _read_header(file: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
     """Parse a safetensors header (8-byte little-endian length, JSON) and check every entry fits the file."""
     _require_file(file)
-    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        text = f.read(n) if 0 <= n <= 100_000_000 else b""
+    return _parse_header(file, head, text, file.stat().st_size)
 
+
+def _parse_header(file: Path, head: bytes, text: bytes, size: int) -> tuple[dict[str, _Entry], dict[str, str]]:
     def corrupt(why: str) -> CorruptWeightsError:
         return CorruptWeightsError(f"{file} is not a readable safetensors file ({why}); it may be truncated "
                                    "or still downloading: download it again")
 
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise corrupt(f"only {size} bytes")
-        n = int.from_bytes(head, "little")
-        if n > size - 8 or n > 100_000_000:
-            raise corrupt(f"header length {n} exceeds the file size {size}")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as exc:
-            raise corrupt(f"header is not JSON: {exc}") from exc
+    if len(head) < 8:
+        raise corrupt(f"only {size} bytes")
+    n = int.from_bytes(head, "little")
+    if n > size - 8 or len(text) != n:
+        raise corrupt(f"header length {n} exceeds the file size {size}")
+    try:
+        header = json.loads(text)
+    except ValueError as exc:
+        raise corrupt(f"header is not JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise corrupt("header is not a JSON object")
     entries = {}
@@ -223,6 +227,44 @@ def _read_header(file: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
         entries[name] = _Entry(file, dtype, shape, 8 + n + begin, nbytes)
     metadata = header.get("__metadata__") or {}
     return entries, metadata if isinstance(metadata, dict) else {}
+
+
+def read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a small safetensors file and its metadata, with one open and one read."""
+    _require_file(file)
+    size = file.stat().st_size
+    data = bytearray(size)
+    with open(file, "rb") as f:
+        got = f.readinto(data)
+    n = int.from_bytes(data[:8], "little") if got >= 8 else -1
+    text = bytes(data[8 : 8 + n]) if 0 <= n <= got - 8 else b""
+    entries, metadata = _parse_header(file, bytes(data[:8]) if got >= 8 else b"", text, got)
+    tensors = {}
+    for name, e in entries.items():
+        if e.start % e.dtype.itemsize == 0 and e.nbytes:
+            t = torch.frombuffer(data, dtype=e.dtype, count=e.nbytes // e.dtype.itemsize, offset=e.start)
+        else:  # unaligned (not written by this package) or empty: copy out
+            t = torch.frombuffer(bytearray(data[e.start : e.start + e.nbytes]) or bytearray(1), dtype=torch.uint8)
+            t = t[: e.nbytes].view(e.dtype)
+        tensors[name] = t.reshape(e.shape)
+    return tensors, metadata
+
+
+def write_safetensors(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write CPU tensors as safetensors straight from their memory (no serialised copy)."""
+    names = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": metadata}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # tensor data starts 8-byte aligned
+    with open(file, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for t in tensors.values():
+            f.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
 
 
 class TorchBinWeights(Weights):
