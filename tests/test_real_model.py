@@ -34,4 +34,4 @@ def test_lora_on_gemma_matches_brute_force_from_safetensors_and_gguf(gemma, tmp_
             torch.testing.assert_close(torch.from_numpy(layer.singular_values), sigma, rtol=1e-9, atol=0)
     # the same analysis straight from the quantized .gguf file, dequantized tensor by tensor
     from_gguf = find_intruders(gguf, adapter, layers=layers, progress=False)
-    assert [lr.n_intruders for lr in from_gguf.layers] == [lr.n_intruders for lr in report.layers]
+    assert {lr.name: lr.n_intruders for lr in from_gguf.layers} == {lr.name: lr.n_intruders for lr in report.layers}
