@@ -287,10 +287,10 @@ def _layer_result(name: str, shape: tuple, f: BaseFactors, proj: _Projection, de
     delta = delta_sigma.cpu().numpy()
     return LayerResult(
         name=name, shape=shape, threshold=threshold, side=side, update=kind,
-        singular_values=proj.sigma.cpu().numpy(),
+        singular_values=proj.sigma.cpu().numpy().copy(),
         max_cos_left=left.max(axis=1), max_cos_right=right.max(axis=1),
         best_match_left=left.argmax(axis=1), best_match_right=right.argmax(axis=1),
         similarity=shown[:, :SIMILARITY_WIDTH].astype(np.float32),
-        base_singular_values=f.sigma.cpu().numpy(),
+        base_singular_values=f.sigma.cpu().numpy().copy(),  # not a view into the cache entry's buffer
         delta_singular_values=np.sort(delta[delta > _NULL_TOL * delta.max(initial=0)])[::-1].copy(),
     )

@@ -185,7 +185,7 @@ class FactorCache:
 
         try:
             tensors, meta = read_safetensors(path)
-            basis, sigma = tensors["basis"], tensors["sigma"]
+            basis, sigma = tensors["basis"], tensors["sigma"].clone()  # sigma outlives the file buffer
             problem = _check_entry(meta, key, shape, basis, sigma)
         except Exception as exc:  # any unreadable entry is recomputed, never fatal
             problem = f"unreadable ({exc})"

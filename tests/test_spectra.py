@@ -68,6 +68,10 @@ def test_find_intruders_reuses_the_cache_across_runs(tmp_path, monkeypatch):
     second = find_intruders(base, tuned, cache_dir=tmp_path / "c", progress=False)
     assert len(calls) == 2  # two matrices, decomposed once
     assert [lr.max_cos.tolist() for lr in first.layers] == [lr.max_cos.tolist() for lr in second.layers]
+    for layer in second.layers:  # results own their arrays: none keeps a cache entry's file buffer alive
+        for name in ("base_singular_values", "singular_values", "max_cos_left", "max_cos_right", "similarity",
+                     "best_match_left", "delta_singular_values"):
+            assert getattr(layer, name).flags.owndata, name
     assert list((tmp_path / "c" / "digests").rglob("*"))  # file hashes remembered
     find_intruders(base, tuned, cache_dir=False, progress=False)
     assert len(calls) == 4
