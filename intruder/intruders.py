@@ -33,7 +33,7 @@ from .spectra import (
 from .weights import LowRankUpdate, Weights, open_weights
 
 SIMILARITY_WIDTH = 128  # base vectors kept in LayerResult.similarity (the paper's Figure 1)
-_DENSE_EIGH_LIMIT = 128  # below this small-side size a dense eigh beats Lanczos
+_DENSE_EIGH_LIMIT = 128  # up to this small-side size a dense eigh beats Lanczos (at 256 it did not, on Gemma)
 _NULL_TOL = 1e-7  # base singular values below this fraction of the largest span the null space
 
 
@@ -245,7 +245,7 @@ def _null_zeroed(coords: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 def _top_eigenpairs(d: torch.Tensor, pmat: torch.Tensor, qmat: torch.Tensor, k: int):
     """Top-k eigenpairs of diag(d) + P Q Pᵀ (p, p): values (k,) descending, vectors (p, k)."""
     p = d.shape[0]
-    if p <= _DENSE_EIGH_LIMIT or d.device.type != "cpu":
+    if p <= max(_DENSE_EIGH_LIMIT, 2 * k) or d.device.type != "cpu":
         return _dense_top(torch.diag(d) + pmat @ qmat @ pmat.T, k)
     dn, pn, qn = d.numpy(), pmat.numpy(), qmat.numpy()
     pt = np.ascontiguousarray(pn.T)
@@ -255,7 +255,7 @@ def _top_eigenpairs(d: torch.Tensor, pmat: torch.Tensor, qmat: torch.Tensor, k: 
 def _top_eigenpairs_gram(t: torch.Tensor, k: int):
     """Top-k eigenpairs of T Tᵀ for T (p, q) without forming it when p is large."""
     p = t.shape[0]
-    if p <= _DENSE_EIGH_LIMIT or t.device.type != "cpu":
+    if p <= max(_DENSE_EIGH_LIMIT, 2 * k) or t.device.type != "cpu":
         return _dense_top(t @ t.T, k)
     tn = t.numpy()
     tt = tn.T

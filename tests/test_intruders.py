@@ -147,3 +147,10 @@ def test_cuda_matches_cpu():
     cpu = analyse(w0, wt, (left, right))
     gpu = analyse(w0, wt, (left, right), device="cuda")
     np.testing.assert_allclose(gpu.max_cos, cpu.max_cos, atol=1e-8)
+
+
+def test_top_k_close_to_the_matrix_size_on_the_lanczos_path():
+    w0, wt, left, right = planted(200, 160, n_intruders=2)
+    layer = analyse(w0, wt, (left, right), top_k=159)
+    ref, _ = brute_force(w0, wt, 159)
+    assert layer.n_intruders == int((ref < 0.5).sum())
