@@ -37,17 +37,17 @@ class Workspace:
     def __init__(self, device: torch.device, threads: int):
         self.device, self.threads = device, threads  # threads: for the base decompositions
         self.buffers: dict[int, torch.Tensor] = {}  # float64, per slot
-        self.raw: dict[tuple[torch.dtype, int], torch.Tensor] = {}  # read buffers, per stored dtype and slot
+        self.raw: dict[torch.dtype, torch.Tensor] = {}  # read buffers, per stored dtype
 
-    def read(self, weights: Weights, name: str, slot: int = 0) -> torch.Tensor:
+    def read(self, weights: Weights, name: str) -> torch.Tensor:
         """`weights.get(name)`, into a reused buffer where the reader supports it (safetensors)."""
         if not isinstance(weights, SafetensorsWeights):
             return weights.get(name)
         numel, dtype = math.prod(weights.shape(name)), weights.dtype(name)
-        buf = self.raw.get((dtype, slot))
+        buf = self.raw.get(dtype)
         if buf is None or buf.numel() < numel:
-            self.raw.pop((dtype, slot), None)  # release the old buffer before growing
-            buf = self.raw[dtype, slot] = torch.empty(numel, dtype=dtype)
+            self.raw.pop(dtype, None)  # release the old buffer before growing
+            buf = self.raw[dtype] = torch.empty(numel, dtype=dtype)
         return weights.get(name, out=buf)
 
     def release(self) -> None:

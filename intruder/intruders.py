@@ -244,22 +244,24 @@ def _null_zeroed(coords: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 def _top_eigenpairs(d: torch.Tensor, pmat: torch.Tensor, qmat: torch.Tensor, k: int):
     """Top-k eigenpairs of diag(d) + P Q Pᵀ (p, p): values (k,) descending, vectors (p, k)."""
-    p = d.shape[0]
-    if p <= max(_DENSE_EIGH_LIMIT, 2 * k) or d.device.type != "cpu":
+    if _dense(d, k):
         return _dense_top(torch.diag(d) + pmat @ qmat @ pmat.T, k)
     dn, pn, qn = d.numpy(), pmat.numpy(), qmat.numpy()
     pt = np.ascontiguousarray(pn.T)
-    return _lanczos_top(lambda v: dn[:, None] * v + pn @ (qn @ (pt @ v)), p, k)
+    return _lanczos_top(lambda v: dn[:, None] * v + pn @ (qn @ (pt @ v)), d.shape[0], k)
 
 
 def _top_eigenpairs_gram(t: torch.Tensor, k: int):
     """Top-k eigenpairs of T Tᵀ for T (p, q) without forming it when p is large."""
-    p = t.shape[0]
-    if p <= max(_DENSE_EIGH_LIMIT, 2 * k) or t.device.type != "cpu":
+    if _dense(t, k):
         return _dense_top(t @ t.T, k)
     tn = t.numpy()
-    tt = tn.T
-    return _lanczos_top(lambda v: tn @ (tt @ v), p, k)
+    return _lanczos_top(lambda v: tn @ (tn.T @ v), t.shape[0], k)
+
+
+def _dense(x: torch.Tensor, k: int) -> bool:
+    """Whether a dense eigh of the (p, p) problem beats Lanczos: small p, k close to p, or a GPU."""
+    return x.shape[0] <= max(_DENSE_EIGH_LIMIT, 2 * k) or x.device.type != "cpu"
 
 
 def _dense_top(m: torch.Tensor, k: int):

@@ -46,10 +46,8 @@ def base_factors(w: torch.Tensor) -> BaseFactors:
 
     Raises NonFiniteError when W0 holds NaN or Inf (every such entry reaches the Gram matrix's diagonal).
     """
-    w = w.to(torch.float64)
     left = w.shape[0] <= w.shape[1]
-    gram = w @ w.T if left else w.T @ w
-    del w
+    gram = _small_side_gram(w)
     if not bool(torch.isfinite(gram.diagonal()).all()):
         raise NonFiniteError("the matrix holds NaN or Inf values")
     values, vectors = torch.linalg.eigh(gram)
@@ -94,9 +92,13 @@ def low_rank_singular_values(left: torch.Tensor, right: torch.Tensor) -> torch.T
 
 def singular_values(w: torch.Tensor) -> torch.Tensor:
     """All min(m, n) singular values of W, descending, from the float64 Gram matrix of its small side."""
+    return torch.linalg.eigvalsh(_small_side_gram(w)).flip(0).clamp_min(0).sqrt()
+
+
+def _small_side_gram(w: torch.Tensor) -> torch.Tensor:
+    """W (m, n) -> W Wᵀ (m, m) if m <= n else Wᵀ W (n, n), in float64."""
     w = w.to(torch.float64)
-    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
-    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
+    return w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
 
 
 def default_cache_dir() -> Path:
@@ -134,24 +136,11 @@ class FactorCache:
         key = self.key(w, fingerprint)
         return self.load(key, tuple(w.shape)) or self.store(key, tuple(w.shape), base_factors(w))
 
-    def key(self, w: torch.Tensor, fingerprint: str | None = None) -> str:
-        """The content hash of `w`; `fingerprint` (see `Weights.fingerprint`) lets an unchanged file skip it."""
-        return self._digest(w, fingerprint)
-
-    def load(self, key: str, shape: tuple[int, ...]) -> BaseFactors | None:
-        """The entry for `key`, or None when there is none or it is damaged (with a warning)."""
-        path = self._path(key)
-        return self._load(path, key, shape) if path.exists() else None
-
-    def store(self, key: str, shape: tuple[int, ...], factors: BaseFactors) -> BaseFactors:
-        """Write an entry atomically (a warning, not an error, when the cache is not writable)."""
-        self._store(self._path(key), key, shape, factors)
-        return factors
-
     def _path(self, key: str) -> Path:
         return self.directory / "factors" / key[:2] / f"{key}.safetensors"
 
-    def _digest(self, w: torch.Tensor, fingerprint: str | None) -> str:
+    def key(self, w: torch.Tensor, fingerprint: str | None = None) -> str:
+        """The content hash of `w`; `fingerprint` (see `Weights.fingerprint`) lets an unchanged file skip it."""
         if fingerprint is None:
             return tensor_digest(w)
         file, _, tensor = fingerprint.rpartition("|")
@@ -180,9 +169,13 @@ class FactorCache:
         name = hashlib.blake2b(file.encode(), digest_size=16).hexdigest()
         return self.directory / "digests" / f"{name}.json"
 
-    def _load(self, path: Path, key: str, shape: tuple[int, ...]) -> BaseFactors | None:
+    def load(self, key: str, shape: tuple[int, ...]) -> BaseFactors | None:
+        """The entry for `key`, or None when there is none or it is damaged (with a warning)."""
         from .weights import read_safetensors
 
+        path = self._path(key)
+        if not path.exists():
+            return None
         try:
             tensors, meta = read_safetensors(path)
             basis, sigma = tensors["basis"], tensors["sigma"].clone()  # sigma outlives the file buffer
@@ -191,12 +184,14 @@ class FactorCache:
             problem = f"unreadable ({exc})"
         if problem is None:
             return BaseFactors(basis, sigma, meta["left"] == "1")
-        warnings.warn(f"cache entry {path} is {problem}; recomputing it", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"cache entry {path} is {problem}; recomputing it", RuntimeWarning, stacklevel=2)
         return None
 
-    def _store(self, path: Path, key: str, shape: tuple[int, ...], factors: BaseFactors) -> None:
+    def store(self, key: str, shape: tuple[int, ...], factors: BaseFactors) -> BaseFactors:
+        """Write an entry atomically (a warning, not an error, when the cache is not writable)."""
         from .weights import write_safetensors
 
+        path = self._path(key)
         basis, sigma = factors.basis.cpu().contiguous(), factors.sigma.cpu().contiguous()
         meta = {
             "version": FORMAT_VERSION,
@@ -209,7 +204,8 @@ class FactorCache:
             _atomic_write(path, lambda tmp: write_safetensors(tmp, {"basis": basis, "sigma": sigma}, meta))
         except OSError as exc:
             warnings.warn(f"cannot write the factor cache at {path} ({exc}); continuing without it",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=2)
+        return factors
 
 
 def _check_entry(meta: dict, key: str, shape: tuple[int, ...], basis, sigma) -> str | None:

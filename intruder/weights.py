@@ -241,12 +241,14 @@ def read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     entries, metadata = _parse_header(file, bytes(data[:8]) if got >= 8 else b"", text, got)
     tensors = {}
     for name, e in entries.items():
-        if e.start % e.dtype.itemsize == 0 and e.nbytes:
-            t = torch.frombuffer(data, dtype=e.dtype, count=e.nbytes // e.dtype.itemsize, offset=e.start)
-        else:  # unaligned (not written by this package) or empty: copy out
-            t = torch.frombuffer(bytearray(data[e.start : e.start + e.nbytes]) or bytearray(1), dtype=torch.uint8)
-            t = t[: e.nbytes].view(e.dtype)
-        tensors[name] = t.reshape(e.shape)
+        # a view of the one buffer; files this package writes are 8-byte aligned, others are copied when not
+        chunk = data if e.start % e.dtype.itemsize == 0 else bytearray(data[e.start : e.start + e.nbytes])
+        offset = e.start if chunk is data else 0
+        count = e.nbytes // e.dtype.itemsize
+        if count == 0:
+            tensors[name] = torch.empty(e.shape, dtype=e.dtype)
+        else:
+            tensors[name] = torch.frombuffer(chunk, dtype=e.dtype, count=count, offset=offset).reshape(e.shape)
     return tensors, metadata
 
 

@@ -147,8 +147,8 @@ def test_digest_memo_follows_file_changes(tmp_path):
     model = save_model_dir(tmp_path / "m", {"w": torch.ones(8, 8)})
     cache = FactorCache(tmp_path / "c")
     with open_weights(model) as weights:
-        assert cache._digest(weights.get("w"), weights.fingerprint("w")) == tensor_digest(torch.ones(8, 8))
+        assert cache.key(weights.get("w"), weights.fingerprint("w")) == tensor_digest(torch.ones(8, 8))
     save_model_dir(tmp_path / "m", {"w": torch.full((8, 8), 2.0)})
     os.utime(model / "model.safetensors", ns=(1, 1))  # new content, even with an old mtime
     with open_weights(model) as weights:
-        assert cache._digest(weights.get("w"), weights.fingerprint("w")) == tensor_digest(torch.full((8, 8), 2.0))
+        assert cache.key(weights.get("w"), weights.fingerprint("w")) == tensor_digest(torch.full((8, 8), 2.0))
