@@ -414,16 +414,16 @@ def _looks_like_hub_id(text: str) -> bool:
     return bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
 
 
-def _download(repo_id: str) -> Path:
-    """Snapshot a hub repository's weights and configs; a clear `OfflineError` when that is impossible."""
+def _download(repo_id: str, *, repo_type: str = "model",
+              patterns: tuple[str, ...] = ("*.json", "*.safetensors", "*.bin", "*.gguf")) -> Path:
+    """Snapshot a hub repository's files matching `patterns`; a clear `OfflineError` when that is impossible."""
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError as exc:  # pragma: no cover - transformers depends on huggingface_hub
         raise IntruderError(f"{repo_id!r} looks like a hub id; install huggingface_hub to download it") from exc
-    patterns = ["*.json", "*.safetensors", "*.bin", "*.gguf"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, repo_type=repo_type, allow_patterns=list(patterns)))
     except LocalEntryNotFoundError as exc:
         raise OfflineError(
             f"cannot download {repo_id!r}: the hub is unreachable (offline, or HF_HUB_OFFLINE is set) and "
