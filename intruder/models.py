@@ -15,6 +15,7 @@ is complete, so an interrupted or concurrent conversion never leaves a half-writ
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -63,9 +64,22 @@ def gemma_270m_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = root / "models" / GEMMA_270M
-    if _is_complete(target):
-        return target
-    gguf_path = gemma_270m_gguf()
+    return target if _is_complete(target) else _converted(gemma_270m_gguf(), target)
+
+
+def gguf_dir(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Any `.gguf` model as a cached Hugging Face directory, converted once per file (name, size, mtime)."""
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    if not gguf_path.is_file():
+        raise IntruderError(f"{gguf_path}: no such .gguf file")
+    st = gguf_path.stat()
+    tag = hashlib.blake2b(f"{gguf_path}|{st.st_size}|{st.st_mtime_ns}".encode(), digest_size=6).hexdigest()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = root / "models" / f"{gguf_path.stem}-{tag}"
+    return target if _is_complete(target) else _converted(gguf_path, target)
+
+
+def _converted(gguf_path: Path, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(target.parent / f".{target.name}.lock") as locked:
         if _is_complete(target):  # another process finished it while we waited for the lock
@@ -128,7 +142,7 @@ def _load_gguf(gguf_path: Path):
     try:
         import gguf  # noqa: F401  (transformers needs it; say so before it fails deep inside)
     except ImportError as exc:
-        raise IntruderError("converting the Gemma 3 270M GGUF needs the gguf package: pip install gguf") from exc
+        raise IntruderError(f"converting {gguf_path.name} needs the gguf package: pip install gguf") from exc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, name = str(gguf_path.parent), gguf_path.name

@@ -41,3 +41,53 @@ def save_model_dir(path, tensors: dict, *, shards: int = 1):
         weight_map.update({k: file for k in part})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path
+
+
+def build_tiny_lm(path, *, arch: str = "gemma3", vocab_size: int = 600, seed: int = 0):
+    """A tiny random causal LM (2 layers, hidden 32) with a byte-level BPE tokenizer trained on the bundled
+    questions and corpus, saved as a Hugging Face directory; a few seconds, no network."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from intruder.data import load_general_text, load_mcq
+
+    texts = [q.prompt(context=True) + q.answer_text(full=True) for q in load_mcq("sample")] + load_general_text()
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])  # as Gemma
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>",
+                                        pad_token="<pad>")
+    config = _tiny_config(arch, len(tokenizer), tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _tiny_config(arch: str, vocab: int, tokenizer):
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
+                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    if arch == "gemma3":
+        return Gemma3TextConfig(**common, sliding_window=64, tie_word_embeddings=True)
+    return LlamaConfig(**common, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """Directory of a tiny random Gemma 3 model and its tokenizer (built once per session)."""
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
