@@ -97,3 +97,19 @@ def trim_heap() -> None:
 
 
 _MALLOC_TRIM = None
+
+
+def versions(packages=("torch", "numpy", "scipy", "safetensors", "transformers", "matplotlib")) -> dict[str, str]:
+    """Versions of Python, the platform, intruder and `packages`, for run summaries and reports."""
+    import importlib.metadata
+    import platform
+
+    from . import __version__
+
+    found = {"python": platform.python_version(), "platform": platform.platform(), "intruder": __version__}
+    for name in packages:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
