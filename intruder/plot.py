@@ -1,4 +1,5 @@
-"""Figures of an `IntruderReport`, drawn only from its stored fields (compute once, plot later).
+"""Figures of an `IntruderReport`, drawn only from its stored fields (compute once, plot later), and of a
+training run's metrics (learning and forgetting against epoch).
 
 Every `plot_*(..., ax=None)` draws into `ax`, or into a new headless `matplotlib.figure.Figure` when `ax` is
 None, and returns the Axes; `save_figure` writes it as `<stem>.png` / `<stem>.svg`. Nothing here recomputes an
@@ -18,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .results import IntruderReport, LayerResult
+from .runs import Curves, TrainingRun, curves, read_metrics
 
 # Okabe & Ito (2008), safe for the common colour-vision deficiencies; a perceptually uniform map for heat maps
 OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky_blue": "#56B4E9", "green": "#009E73",
@@ -175,13 +177,83 @@ def plot_effective_rank(reports, *, labels: Sequence[str] | None = None, ax: Axe
         ax.plot(x, y, marker=MARKERS[i % len(MARKERS)], ms=4.5 if len(x) <= 24 else 3, lw=1.5,
                 color=COLORS[i % len(COLORS)], label=label)
     skipped = sum(layer.layer_index is None for r in reports for layer in r.layers)
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, 1.2 * max(max(y, default=0.0) for _, _, y in series) or 1.0)  # room for the legend above
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer index")
     ax.set_ylabel(r"effective rank of $\Delta W$ (dimensions)")
     note = f"\n({_plural(skipped, 'matrix', 'matrices')} without a layer index not shown)" if skipped else ""
     ax.set_title(f"effective rank of the update{note}", fontsize="medium")
     ax.legend(title=legend_title, fontsize="small", title_fontsize="small")
+    return ax
+
+
+def plot_training(metrics, *, ax: Axes | None = None) -> Axes:
+    """Learning and forgetting against epoch, from the records of a training run's `metrics.jsonl`.
+
+    Left axis, learning: held-out accuracy (%) at each eval (epoch 0 = before training). Right axis, a twin
+    Axes (the figure's last one after this call), in nats per token: the training loss of each logged step
+    and, for forgetting, the mean loss on general text at each eval.
+    metrics: the records (dicts, as `intruder.runs.read_metrics` returns them), a `TrainingRun`, or the path
+    of a run directory or of its metrics.jsonl.
+    """
+    found = _curves(metrics)
+    train, forget = found.loss, found.forget_loss
+    accuracy = [(epoch, 100 * value) for epoch, value in found.accuracy]
+    ax = _axes(ax)
+    right = ax.twinx()
+    lines = []
+    if train:
+        lines += right.plot(*zip(*train), color=OKABE_ITO["orange"], lw=1, alpha=0.8, label="training loss (steps)")
+    if forget:
+        lines += right.plot(*zip(*forget), color=OKABE_ITO["vermillion"], marker="s", ms=5, ls="--", lw=1.5,
+                            label="general-text loss (forgetting)")
+    if accuracy:
+        lines += ax.plot(*zip(*accuracy), color=OKABE_ITO["blue"], marker="o", ms=5, lw=1.8,
+                         label="held-out accuracy (learning)")
+    ax.set_zorder(right.get_zorder() + 1)  # accuracy above the losses, and the legend above both
+    ax.patch.set_visible(False)
+    epochs = [x for x, _ in train + accuracy + forget]
+    lo, hi = min(0.0, *epochs), max(epochs)
+    pad = 0.03 * max(hi - lo, 1)  # markers at the ends stay whole
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(0, 100)
+    right.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch (0 = before training)")
+    ax.set_ylabel("held-out accuracy (%)")
+    right.set_ylabel("loss (nats per token)")
+    ax.set_title(_training_title(accuracy, forget), fontsize="medium")
+    ax.legend(handles=lines[::-1], fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+              frameon=False)
+    return ax
+
+
+def plot_intruders_by_epoch(reports, epochs: Sequence[float] | None = None, *, thresholds=None,
+                            ax: Axes | None = None) -> Axes:
+    """Intruders over all matrices against training epoch: one report per checkpoint, one line per ε.
+
+    epochs: the epoch of each report (default 1, 2, ...). thresholds: the ε of each line (default: the
+    analysis ε of the reports), counted from the stored cosines.
+    """
+    reports = _as_reports(reports)
+    x = np.arange(1, len(reports) + 1) if epochs is None else np.asarray(epochs, dtype=float)
+    if x.shape != (len(reports),):
+        raise ValueError(f"{x.size} epochs for {len(reports)} reports: give one epoch per report")
+    grid = sorted({r.threshold for r in reports}) if thresholds is None else [float(t) for t in thresholds]
+    ax = _axes(ax)
+    for i, eps in enumerate(grid):
+        ax.plot(x, [r.counts_at([eps])[eps] for r in reports], marker=MARKERS[i % len(MARKERS)], ms=5, lw=1.5,
+                color=COLORS[i % len(COLORS)], label=f"ε = {eps:g}")
+    ax.set_xlim(min(0.0, x.min()) - 0.2, x.max() + 0.2)
+    ax.set_ylim(-0.04 * max(ax.get_ylim()[1], 1), None)  # zero counts stay whole, just above the frame
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch (checkpoint)")
+    ax.set_ylabel("intruders, all matrices (count)")
+    matrices = sorted({len(r.layers) for r in reports})
+    ax.set_title(f"intruders during training (k={reports[0].top_k}, "
+                 f"{'/'.join(map(str, matrices))} matrices)", fontsize="medium")
+    ax.legend(title="threshold", fontsize="small", title_fontsize="small", loc="upper left")
     return ax
 
 
@@ -307,6 +379,29 @@ def _mean_rank_per_layer(report: IntruderReport) -> tuple[list[int], list[float]
             by_layer.setdefault(lr.layer_index, []).append(lr.delta_effective_rank)
     x = sorted(by_layer)
     return x, [float(np.mean(by_layer[i])) for i in x]
+
+
+def _curves(metrics) -> Curves:
+    """The curves of records, a `TrainingRun` or a metrics path; an error when there is nothing to draw."""
+    if isinstance(metrics, TrainingRun):
+        if metrics.metrics is None:
+            raise ValueError(f"{metrics.path} has no metrics.jsonl: no learning or forgetting curve to draw")
+        metrics = metrics.metrics
+    found = curves(read_metrics(metrics) if isinstance(metrics, (str, Path)) else metrics)
+    if not found:
+        raise ValueError('the metrics hold no training loss, accuracy or general-text loss (records with "kind" '
+                         '"train" or "eval", an "epoch", and "loss", "accuracy" or "forget_loss"); nothing to draw')
+    return found
+
+
+def _training_title(accuracy: list, forget: list) -> str:
+    """`accuracy 25% → 62%, forgetting +0.31 nats`: first and last eval, or a plain title."""
+    parts = []
+    if len(accuracy) > 1:
+        parts.append(f"accuracy {accuracy[0][1]:.0f}% → {accuracy[-1][1]:.0f}%")
+    if len(forget) > 1:
+        parts.append(f"forgetting {forget[-1][1] - forget[0][1]:+.2f} nats")
+    return ", ".join(parts) or "learning and forgetting"
 
 
 def _log_line(ax: Axes, values: np.ndarray, **style) -> None:

@@ -90,3 +90,33 @@ def random_adapter(base, out_dir, *, rank: int = 8, alpha: float = 16.0, strengt
     save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def random_base(out_dir, *, n_layers: int = 4, hidden: int = 64, intermediate: int = 128, decay: float = 0.5,
+                seed: int = 0) -> Path:
+    """Write a small stand-in base model: `n_layers` blocks of the seven projection matrices, float32.
+
+    Names and shapes follow Llama/Gemma (`model.layers.{i}.self_attn.q_proj.weight` (hidden, hidden),
+    `mlp.up_proj.weight` (intermediate, hidden), ...), saved as `out_dir/model.safetensors`. Each W (m, n) =
+    U diag(S) Vᵀ has random orthonormal U, V and S_i = (i + 1)^-decay, a falling spectrum like a trained
+    weight's, so that `random_adapter` on it yields intruders. Returns out_dir.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
+              "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
+              "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
+              "mlp.down_proj": (hidden, intermediate)}
+    tensors = {}
+    for i in range(n_layers):
+        for module, (m, n) in shapes.items():
+            p = min(m, n)
+            u, _ = torch.linalg.qr(torch.randn(m, p, generator=g))
+            v, _ = torch.linalg.qr(torch.randn(n, p, generator=g))
+            s = torch.arange(1, p + 1, dtype=torch.float32) ** -decay
+            tensors[f"model.layers.{i}.{module}.weight"] = ((u * s) @ v.T).contiguous()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out

@@ -5,6 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import dataclasses  # noqa: E402
+import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -15,12 +16,15 @@ from intruder import IntruderReport, find_intruders  # noqa: E402
 from intruder.plot import (  # noqa: E402
     plot_effective_rank,
     plot_intruder_map,
+    plot_intruders_by_epoch,
     plot_intruders_per_layer,
     plot_similarity,
     plot_spectrum,
     plot_threshold_sweep,
+    plot_training,
     save_figure,
 )
+from intruder.runs import TrainingRun  # noqa: E402
 from intruder.synthetic import planted  # noqa: E402
 
 MODULES = ("self_attn.q_proj", "mlp.up_proj")
@@ -192,3 +196,62 @@ def test_empty_inputs_raise(report):
         plot_threshold_sweep([report, report], labels=["only one"])
     with pytest.raises(ValueError, match="layer index"):
         plot_effective_rank(IntruderReport([dataclasses.replace(layer, name="w")], 0.5, 10, "left"))
+
+
+def _metrics(epochs: int = 2) -> list[dict]:
+    """Trainer records: an eval per epoch (0 = before training), five train steps per epoch."""
+    evals = [{"kind": "eval", "step": 5 * e, "epoch": e, "accuracy": 0.25 + 0.2 * e, "forget_loss": 3.0 + 0.1 * e}
+             for e in range(epochs + 1)]
+    train = [{"kind": "train", "step": s, "epoch": s / 5, "loss": 2.0 / s} for s in range(1, 5 * epochs + 1)]
+    return evals + train
+
+
+def test_training(tmp_path):
+    ax = plot_training(_metrics())
+    _labelled(ax)
+    right = ax.figure.axes[-1]
+    assert len(ax.figure.axes) == 2 and right.get_ylabel() == "loss (nats per token)"
+    (accuracy,) = ax.lines
+    np.testing.assert_allclose(accuracy.get_ydata(), [25, 45, 65])
+    train, forget = right.lines
+    assert len(train.get_xdata()) == 10 and list(forget.get_xdata()) == [0, 1, 2]
+    np.testing.assert_allclose(forget.get_ydata(), [3.0, 3.1, 3.2])
+    assert len(ax.get_legend().get_texts()) == 3
+    assert ax.get_title() == "accuracy 25% → 65%, forgetting +0.20 nats"
+    assert ax.get_ylim() == (0, 100) and right.get_ylim()[0] == 0
+    png, svg = save_figure(ax, tmp_path / "training")
+    assert png.stat().st_size > 1000 and svg.stat().st_size > 1000
+
+
+def test_training_reads_a_run_or_a_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _metrics(3)))
+    for source in (path, tmp_path, str(tmp_path), TrainingRun(tmp_path, {}, _metrics(3), None, [])):
+        assert len(plot_training(source).lines[0].get_xdata()) == 4
+    only_train = [r for r in _metrics() if r["kind"] == "train"]
+    ax = plot_training(only_train)
+    assert not ax.lines and len(ax.figure.axes[-1].lines) == 1
+    assert ax.get_title() == "learning and forgetting"
+
+
+def test_training_without_records_raises(tmp_path):
+    with pytest.raises(ValueError, match="no training loss, accuracy or general-text loss"):
+        plot_training([{"kind": "other", "epoch": 1}, {"kind": "eval", "epoch": 0, "perplexity": 20.0}])
+    with pytest.raises(ValueError, match="no metrics.jsonl"):
+        plot_training(TrainingRun(tmp_path, {}, None, None, []))
+
+
+def test_intruders_by_epoch(report):
+    later = _report(offset=1)
+    ax = plot_intruders_by_epoch([report, later], [1, 2], thresholds=[0.2, 0.5])
+    _labelled(ax)
+    below_planted, at_half = ax.lines  # planted intruders have max |cos| 0.25
+    assert list(below_planted.get_ydata()) == [0, 0] and list(at_half.get_ydata()) == [9, 15]
+    assert list(at_half.get_xdata()) == [1, 2]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ε = 0.2", "ε = 0.5"]
+    assert ax.get_xlim()[0] < 0  # epoch 0 in view, as in plot_training
+    assert len(plot_intruders_by_epoch([report, later]).lines) == 1  # the analysis ε
+    with pytest.raises(ValueError, match="3 epochs for 2 reports"):
+        plot_intruders_by_epoch([report, later], [1, 2, 3])
+    with pytest.raises(ValueError, match="no analysed matrix"):
+        plot_intruders_by_epoch([IntruderReport([], 0.5, 10, "left")])
