@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).parent / "out"
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_analysis import _cpu  # noqa: E402  (one CPU description for every benchmark)
 
 
 def main() -> None:
@@ -162,16 +164,6 @@ def _threads() -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs"
 
 
 if __name__ == "__main__":

@@ -28,16 +28,21 @@ def _add_analyze(commands) -> None:
                             description="Print one line per analysed matrix and the total number of intruders.")
     p.add_argument("base", help="pretrained model: directory, .safetensors/.bin/.gguf file, or hub id")
     p.add_argument("tuned", help="fine-tuned model (same forms) or a PEFT LoRA adapter directory")
+    p.add_argument("--out", type=Path, help="write the full result to FILE.json or the table to FILE.csv")
+    _add_analysis_options(p)
+    p.set_defaults(run=_analyze)
+
+
+def _add_analysis_options(p) -> None:
+    """The options of `find_intruders`, shared by `analyze` and `report`."""
     p.add_argument("--threshold", type=float, default=0.5, help="ε: max |cos| below this is an intruder")
     p.add_argument("--top-k", type=int, default=10, help="how many top tuned singular vectors to examine")
     p.add_argument("--side", choices=("left", "right", "both"), default="left")
     p.add_argument("--layers", help="regex selecting tensor names (default: every changed 2-D weight)")
-    p.add_argument("--out", type=Path, help="write the full result to FILE.json or the table to FILE.csv")
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--cache-dir", help="where base factors are cached (default ~/.cache/intruder)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the factor cache")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=_analyze)
 
 
 def _analyze(args) -> int:
@@ -68,17 +73,10 @@ def _add_report(commands) -> None:
     p.add_argument("--out", type=Path, required=True, help="the directory to write the report into")
     p.add_argument("--labels", nargs="+", help="one name per input, for headings and legends")
     p.add_argument("--base", help="base model of the runs, instead of model_path in their config.json")
-    p.add_argument("--threshold", type=float, default=0.5, help="ε for the runs analysed here")
-    p.add_argument("--top-k", type=int, default=10, help="k for the runs analysed here")
-    p.add_argument("--side", choices=("left", "right", "both"), default="left")
-    p.add_argument("--layers", help="regex selecting tensor names of the runs analysed here")
     p.add_argument("--last-only", action="store_true", help="analyse only a run's last checkpoint, not every epoch")
     p.add_argument("--title", default="Intruder dimensions", help="the report's title")
     p.add_argument("--formats", nargs="+", default=["png", "svg"], help="figure files to write (png always; pdf)")
-    p.add_argument("--device", help="cpu (default) or cuda")
-    p.add_argument("--cache-dir", help="where base factors are cached (default ~/.cache/intruder)")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the factor cache")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_analysis_options(p)  # for the runs analysed here; saved reports keep their own settings
     p.set_defaults(run=_report)
 
 

@@ -48,6 +48,9 @@ def plot_spectrum(layer: LayerResult, *, ax: Axes | None = None, show_delta: boo
         _log_line(ax, layer.delta_singular_values, color=OKABE_ITO["orange"], ls="--", lw=1.2,
                   label=r"update $\Delta W$")
     ax.set_yscale("log")
+    if base.size > 5 * tuned.size:  # a long base spectrum would squeeze the top k into its first few pixels
+        ax.set_xscale("symlog", linthresh=max(10, tuned.size), linscale=1.5)
+        ax.set_xlim(left=-0.5)
     ax.set_xlabel("singular-value index (0 = largest)")
     ax.set_ylabel("singular value σ (weight units)")
     ax.set_title(f"{_short(layer.name)}: {_plural(layer.n_intruders, 'intruder')}", fontsize="medium")
