@@ -122,7 +122,7 @@ def _add_train(commands) -> None:
     p.add_argument("--epochs", type=int, help=f"default {default.epochs}")
     p.add_argument("--batch-size", type=int, help=f"questions per micro-batch (default {default.batch_size})")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3 for lora, 2e-5 for full)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-4 for lora, 2e-5 for full)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
     p.add_argument("--warmup", type=float, help=f"fraction of steps warming up (default {default.warmup})")
     p.add_argument("--schedule", choices=SCHEDULES, help=f"decay after warm-up (default {default.schedule})")

