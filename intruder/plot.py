@@ -248,7 +248,8 @@ def plot_intruders_by_epoch(reports, epochs: Sequence[float] | None = None, *, t
         ax.plot(x, [r.counts_at([eps])[eps] for r in reports], marker=MARKERS[i % len(MARKERS)], ms=5, lw=1.5,
                 color=COLORS[i % len(COLORS)], label=f"ε = {eps:g}")
     ax.set_xlim(min(0.0, x.min()) - 0.2, x.max() + 0.2)
-    ax.set_ylim(-0.04 * max(ax.get_ylim()[1], 1), None)  # zero counts stay whole, just above the frame
+    top = max(ax.get_ylim()[1], 1.0)  # all-zero counts still get a 0..1 axis with whole ticks
+    ax.set_ylim(-0.04 * top, top)  # zero counts just above the frame
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch (checkpoint)")
