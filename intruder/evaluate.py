@@ -14,6 +14,7 @@ same whatever it is batched with; only the logits of the positions that are scor
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -95,10 +96,16 @@ def mcq_accuracy(model, tokenizer, questions: list[MCQ], *, context: bool = True
         raise IntruderError(f"scoring={scoring!r}: choose one of {', '.join(SCORINGS)}")
     if not questions:
         raise IntruderError("no questions to evaluate; the test split is empty")
-    was_training = model.training
-    model.eval()
     prompts = encode_prompts(tokenizer, [q.prompt(context=context) for q in questions], max_length)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
+    with _eval_mode(model):
+        predictions = _choose(model, tokenizer, questions, prompts, pad, scoring, batch_size)
+    correct = sum(p == q.answer_key for p, q in zip(predictions, questions))
+    return {"accuracy": correct / len(questions), "n_questions": len(questions), "predictions": predictions}
+
+
+def _choose(model, tokenizer, questions, prompts, pad: int, scoring: str, batch_size: int) -> list[str]:
+    """The letter each question's scores pick."""
     predictions = []
     if scoring == "letter":
         letters = torch.tensor(letter_token_ids(tokenizer))
@@ -114,9 +121,7 @@ def mcq_accuracy(model, tokenizer, questions: list[MCQ], *, context: bool = True
             total, count = continuation_logprobs(model, [prompts[i] for i in chunk for _ in LETTERS], conts, pad)
             means = (total / count).view(len(chunk), len(LETTERS))
             predictions += [LETTERS[i] for i in means.argmax(-1).tolist()]
-    model.train(was_training)
-    correct = sum(p == q.answer_key for p, q in zip(predictions, questions))
-    return {"accuracy": correct / len(questions), "n_questions": len(questions), "predictions": predictions}
+    return predictions
 
 
 @torch.no_grad()
@@ -124,18 +129,16 @@ def text_loss(model, tokenizer, texts: list[str], *, batch_size: int = 2, max_le
     """{"loss", "perplexity", "tokens"}: mean next-token loss (nats) over every predicted token of `texts`."""
     if not texts:
         raise IntruderError("no text to measure forgetting on; the general-text corpus is empty")
-    was_training = model.training
-    model.eval()
     encoded = [ids[:max_length] for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
     encoded = [ids for ids in encoded if len(ids) > 1]
-    pad, total, tokens = _pad_id(tokenizer), 0.0, 0
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
-        # every token after the first is a continuation of the one before it
-        summed, count = continuation_logprobs(model, [s[:1] for s in chunk], [s[1:] for s in chunk], pad)
-        total -= float(summed.sum())
-        tokens += int(count.sum())
-    model.train(was_training)
+    pad, total, tokens = pad_id(tokenizer), 0.0, 0
+    with _eval_mode(model):
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start:start + batch_size]
+            # every token after the first is a continuation of the one before it
+            summed, count = continuation_logprobs(model, [s[:1] for s in chunk], [s[1:] for s in chunk], pad)
+            total -= float(summed.sum())
+            tokens += int(count.sum())
     loss = total / tokens
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
 
@@ -152,11 +155,23 @@ def answer_loss(model, prompts: list[list[int]], answers: list[list[int]], pad_i
     return -summed.sum() / count.sum()
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
+    """The id padding is written with: the pad token, else EOS, else 0 (padding is always masked out)."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if candidate is not None:
             return candidate
     return 0  # pragma: no cover
+
+
+@contextmanager
+def _eval_mode(model):
+    """Dropout off while scoring; the model's previous mode back afterwards, also after an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _device(model) -> torch.device:

@@ -136,7 +136,7 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
             raise IntruderError(f"LoRA target {target!r} matches no linear or embedding layer of the model; "
                                 f"use a preset ({', '.join(PRESETS)}) or one of: {', '.join(_short_names(model))}")
         chosen.update(found)
-    return sorted(chosen, key=list(modules).index)
+    return [name for name in modules if name in chosen]  # in model order
 
 
 def add_lora(model: nn.Module, spec: LoraSpec) -> dict[str, LoraLayer]:

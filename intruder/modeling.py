@@ -46,5 +46,4 @@ def load_model(name: str | Path, *, device: torch.device | str = "cpu"):
         raise IntruderError(f"{path} cannot be loaded as a causal language model with its tokenizer: {exc}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.config.use_cache = False
     return model.to(device), tokenizer, path

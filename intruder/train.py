@@ -27,7 +27,16 @@ import torch
 from . import data as mcq_data
 from ._runtime import versions
 from .errors import IntruderError
-from .evaluate import SCORINGS, answer_loss, encode_prompts, letter_loss, letter_token_ids, mcq_accuracy, text_loss
+from .evaluate import (
+    SCORINGS,
+    answer_loss,
+    encode_prompts,
+    letter_loss,
+    letter_token_ids,
+    mcq_accuracy,
+    pad_id,
+    text_loss,
+)
 from .lora import LoraSpec, add_lora, atomic_dir, load_adapter_state, save_adapter
 from .modeling import load_model
 
@@ -127,6 +136,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     _write_json(out / "config.json", asdict(config) | {"model_path": str(model_path)})
 
     examples = _encode(tokenizer, train_set, config)
+    pad = pad_id(tokenizer)
     steps_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -147,8 +157,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     for epoch in range(start_epoch, config.epochs):
         model.train()
         for batches in _epoch_batches(examples, config, epoch):
-            loss, tokens, seconds = _optimizer_step(model, batches, trainable, optimizer, schedule, config,
-                                                    tokenizer, autocast)
+            loss, tokens, seconds = _optimizer_step(model, batches, trainable, optimizer, schedule, config, pad,
+                                                    autocast)
             step += 1
             record = {"kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss,
                       "lr": schedule.get_last_lr()[0], "tokens_per_s": tokens / seconds,
@@ -195,12 +205,12 @@ def _prepare(model, config: TrainConfig) -> list[torch.nn.Parameter]:
     if config.method == "lora":
         add_lora(model, config.lora_spec())
     else:
+        model.requires_grad_(False)
         head = model.get_output_embeddings()
         for module in model.modules():
-            chosen = isinstance(module, torch.nn.Linear) and module is not head
-            chosen |= config.train_embeddings and isinstance(module, torch.nn.Embedding)
-            for p in module.parameters(recurse=False):
-                p.requires_grad_(chosen and p.dim() >= 1 and (p is module.weight))
+            linear = isinstance(module, torch.nn.Linear) and module is not head
+            if linear or (config.train_embeddings and isinstance(module, torch.nn.Embedding)):
+                module.weight.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:  # pragma: no cover - add_lora raises first
         raise IntruderError("nothing to train: no parameter was selected")
@@ -228,10 +238,9 @@ def _epoch_batches(examples: list, config: TrainConfig, epoch: int):
         yield micro[s:s + config.grad_accum]
 
 
-def _optimizer_step(model, batches, trainable, optimizer, schedule, config, tokenizer, autocast):
+def _optimizer_step(model, batches, trainable, optimizer, schedule, config, pad: int, autocast):
     """One AdamW step over `batches` (gradient accumulation); (mean loss, tokens seen, seconds)."""
     t0 = time.perf_counter()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     n_examples = sum(len(b) for b in batches)
     total_loss, tokens = 0.0, 0
     for batch in batches:
