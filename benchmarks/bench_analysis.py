@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from intruder import find_intruders, open_weights
-from intruder._reference import brute_force
+from intruder.analysis._reference import brute_force
 from intruder.synthetic import random_adapter
 
 OUT = Path(__file__).parent / "out"
@@ -132,7 +132,7 @@ def _cpu() -> str:
 
 
 def _gemma() -> Path:
-    from intruder.models import gemma_270m_dir
+    from intruder.weights.models import gemma_270m_dir
 
     return gemma_270m_dir()
 

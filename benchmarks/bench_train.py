@@ -8,7 +8,7 @@ questions without context (prompts of about 95 tokens), batch 8, loss on the ans
 2e-3 with 10% warm-up, the same number of optimizer steps, on the same CPU with the same thread count. Each
 side runs in its own fresh process, one after the other, so neither disturbs the other's timing or memory:
 
-- ours: `intruder.train.train` end to end (one epoch over `steps` batches; its evaluation runs on a
+- ours: `intruder.training.trainer.train` end to end (one epoch over `steps` batches; its evaluation runs on a
   small held-out set and 2 corpus paragraphs, and its tokens/s comes from the per-step log, which excludes
   evaluation);
 - PEFT: `get_peft_model(LoraConfig(target_modules="all-linear"))` and `Trainer` with labels -100 everywhere
@@ -49,7 +49,7 @@ def main() -> None:
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print("RESULT " + json.dumps(result))
         return
-    from intruder.modeling import resolve_model
+    from intruder.training.modeling import resolve_model
 
     model = resolve_model(args.model)  # convert once before timing anything
     work = Path(tempfile.mkdtemp(prefix="intruder-bench-train-"))
@@ -70,7 +70,7 @@ def main() -> None:
 
 
 def _write_data(work: Path, n_train: int) -> None:
-    from intruder.data import load_general_text, load_mcq
+    from intruder.training.data import load_general_text, load_mcq
 
     train = load_mcq("sample", split="train")[:n_train]
     test = load_mcq("sample", split="test")[:8]
@@ -94,7 +94,7 @@ def _run_child(side: str, model: Path, args, work: Path) -> dict:
 
 
 def _ours(args, work: Path) -> dict:
-    from intruder.train import TrainConfig, train
+    from intruder.training import TrainConfig, train
 
     out = work / "ours"
     config = TrainConfig(out=str(out), model=args.model, data=str(work / "data.jsonl"), method="lora", rank=8,
@@ -113,8 +113,8 @@ def _peft(args, work: Path) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-    from intruder.data import load_mcq
-    from intruder.evaluate import letter_token_ids
+    from intruder.training.data import load_mcq
+    from intruder.training.evaluate import letter_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)

@@ -14,8 +14,8 @@ import argparse
 from pathlib import Path
 
 from intruder import find_intruders
-from intruder.models import gemma_270m_dir
 from intruder.synthetic import random_adapter
+from intruder.weights.models import gemma_270m_dir
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from intruder import IntruderReport, find_intruders
-from intruder.train import TrainConfig, train
+from intruder.training import TrainConfig, train
 
 
 def main() -> None:

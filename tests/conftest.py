@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from intruder.spectra import default_cache_dir
+from intruder.outputs import default_cache_dir
 
 # The user's cache, read before any test points INTRUDER_CACHE elsewhere: real-model tests convert Gemma 3
 # 270M into it once (about two minutes), as the demo and the benchmark do.
@@ -49,7 +49,7 @@ def build_tiny_lm(path, *, arch: str = "gemma3", vocab_size: int = 600, seed: in
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from intruder.data import load_general_text, load_mcq
+    from intruder.training.data import load_general_text, load_mcq
 
     texts = [q.prompt(context=True) + q.answer_text(full=True) for q in load_mcq("sample")] + load_general_text()
     bpe = Tokenizer(models.BPE())

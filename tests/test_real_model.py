@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from intruder import find_intruders, open_weights
-from intruder._reference import brute_force
+from intruder.analysis._reference import brute_force
 from intruder.synthetic import random_adapter
 from tests.conftest import USER_CACHE
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.real_model
 
 @pytest.fixture(scope="module")
 def gemma():
-    from intruder.models import gemma_270m_dir, gemma_270m_gguf
+    from intruder.weights.models import gemma_270m_dir, gemma_270m_gguf
 
     return gemma_270m_dir(USER_CACHE), gemma_270m_gguf()
 
@@ -44,8 +44,8 @@ def test_training_gemma_writes_an_adapter_peft_reads_identically(gemma, tmp_path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from intruder.data import load_general_text, load_mcq
-    from intruder.train import TrainConfig, train
+    from intruder.training.data import load_general_text, load_mcq
+    from intruder.training.trainer import TrainConfig, train
 
     directory, _ = gemma
     rows = load_mcq("sample", split="train")[:8] + load_mcq("sample", split="test")[:4]
@@ -63,7 +63,7 @@ def test_training_gemma_writes_an_adapter_peft_reads_identically(gemma, tmp_path
     with torch.no_grad():
         before = base(**ids).logits
         peft = PeftModel.from_pretrained(base, adapter).eval()(**ids).logits
-    from intruder.lora import LoraSpec, add_lora, load_adapter_state
+    from intruder.training.lora import LoraSpec, add_lora, load_adapter_state
 
     ours = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     add_lora(ours, LoraSpec(targets=("q_proj", "v_proj", "embed_tokens")))

