@@ -8,6 +8,7 @@ here works in the complete singular basis X of W_0's small side (p = min(m, n)),
   eigenvectors z_j are the tuned vectors written in the base basis, so max_i |cos| = max_i |z_j[i]|;
 * dense ΔW (full fine-tuning): top-k eigenvectors of W_t W_tᵀ only, then projected on X.
 The other side's cosines follow from the same eigenvectors at O(k) extra matrix-vector products.
+`tuned_triplets` returns the same top-k triplets (σ_j, u_j, v_j) themselves, for the mitigation.
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ class _Projection:
     large: torch.Tensor
 
 
+@dataclass
+class _Matrix:
+    """One changed matrix, float64 on the device: W_0 (m, n), its base factors, and W_t either as the update
+    ΔW = L R (`update`, when the source knows its factors) or dense (`wt`)."""
+
+    w0: torch.Tensor
+    factors: BaseFactors
+    update: LowRankUpdate | None = None
+    wt: torch.Tensor | None = None
+
+
 def find_intruders(base, tuned, *, threshold: float = 0.5, top_k: int = 10, side: str = "left",
                    layers=None, device=None, cache_dir=None, progress: bool = True) -> IntruderReport:
     """Find the intruder dimensions of every matrix that fine-tuning changed.
@@ -64,7 +76,7 @@ def find_intruders(base, tuned, *, threshold: float = 0.5, top_k: int = 10, side
     device: where the linear algebra runs ("cpu" default, "cuda" when available).
     cache_dir: where base factors are cached (default `~/.cache/intruder`); False disables the cache.
     """
-    _check_options(threshold, top_k, side)
+    check_options(threshold, top_k, side)
     device = torch.device(device or "cpu")
     base_w = open_weights(base)
     tuned_w = open_weights(tuned, base=base_w)
@@ -92,7 +104,8 @@ def find_intruders(base, tuned, *, threshold: float = 0.5, top_k: int = 10, side
                           unchanged=unchanged, meta=meta)
 
 
-def _check_options(threshold: float, top_k: int, side: str) -> None:
+def check_options(threshold: float, top_k: int, side: str) -> None:
+    """Raise IntruderError unless ε, k and the side are ones `find_intruders` accepts."""
     if side not in SIDES:
         raise IntruderError(f"side={side!r}: use one of {', '.join(SIDES)}")
     if not 0 < threshold <= 1:
@@ -142,6 +155,48 @@ def _progress(names: list[str], enabled: bool):
 def _analyse(name: str, base: Weights, tuned: Weights, k: int, threshold: float, side: str,
              device: torch.device, cache: FactorCache | None, work: Workspace) -> LayerResult | None:
     """One matrix: None when W_t == W_0, else its LayerResult."""
+    m = _load(name, base, tuned, device, cache, work)
+    if m is None:
+        return None
+    proj = _project(m, k)
+    if m.update is not None:
+        delta_sigma, kind = low_rank_singular_values(m.update.left, m.update.right), "low-rank"
+    else:  # W_0 - W_t: same singular values as ΔW
+        delta_sigma, kind = singular_values(m.w0.sub_(m.wt)), "dense"
+    return _layer_result(name, tuple(m.w0.shape), m.factors, proj, delta_sigma, kind, threshold, side)
+
+
+def tuned_triplets(base: Weights, tuned: Weights, name: str, k: int, *, device=None,
+                   cache: FactorCache | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The top-k singular triplets of W_t = tuned[name] (m, n), computed as `find_intruders` computes them
+    (same projections, same cached base factors, same threads), so index j here is its tuned vector j.
+
+    -> σ (k,) descending, U (m, k) left and V (n, k) right singular vectors, float64 on `device`, with
+    W_t v_j = σ_j u_j; None when W_t equals W_0. k is capped at min(m, n). The small side's vectors y_j come
+    from the projection, the other side's as W_tᵀ y_j / σ_j (or W_t y_j / σ_j), so σ_j u_j v_jᵀ is exactly
+    u_j u_jᵀ W_t (W_t v_j v_jᵀ) and no second decomposition is needed.
+    """
+    device = torch.device(device or "cpu")
+    work = Workspace(device, torch.get_num_threads())
+    with cpu_threads(device):
+        m = _load(name, base, tuned, device, cache, work)
+        if m is None:
+            return None
+        proj = _project(m, k)
+        y = m.factors.basis @ proj.small.T  # (p, k) tuned small-side vectors
+        if m.update is not None:  # W_tᵀ Y = W_0ᵀ Y + Rᵀ (Lᵀ Y), on the small side's orientation
+            lo, ro = (m.update.left, m.update.right) if m.factors.left else (m.update.right.T, m.update.left.T)
+            w = m.w0 if m.factors.left else m.w0.T
+            wty = w.T @ y + ro.T @ (lo.T @ y)
+        else:
+            wty = (m.wt.T if m.factors.left else m.wt) @ y
+        z = wty / _safe(proj.sigma)[None, :]  # (q, k) tuned large-side vectors
+    return (proj.sigma, y, z) if m.factors.left else (proj.sigma, z, y)
+
+
+def _load(name: str, base: Weights, tuned: Weights, device: torch.device, cache: FactorCache | None,
+          work: Workspace) -> _Matrix | None:
+    """Read W_0 and W_t (or ΔW's factors) of `name` and the base factors (cached); None when W_t == W_0."""
     raw = work.read(base, name)
     key = cache.key(raw, base.fingerprint(name)) if cache is not None else None
     update = tuned.low_rank_update(name)
@@ -163,21 +218,24 @@ def _analyse(name: str, base: Weights, tuned: Weights, k: int, threshold: float,
     w0 = work.f64(raw, 0)
     del raw
     factors = factors.to(device)
-    k = min(k, min(w0.shape))
     if update is not None:
         _check_shape(name, tuple(w0.shape), (update.left.shape[0], update.right.shape[1]), tuned.source)
         left, right = update.left.to(device, torch.float64), update.right.to(device, torch.float64)
         if not bool(torch.isfinite(left).all() and torch.isfinite(right).all()):
             raise _non_finite(left @ right, name, tuned.source)
-        proj = _project_low_rank(w0, factors, LowRankUpdate(left, right), k)
-        delta_sigma, kind = low_rank_singular_values(left, right), "low-rank"
-    else:
-        wt = work.f64(wt, 1)
-        if not bool(torch.isfinite(wt.sum())):
-            raise _non_finite(wt, name, tuned.source)
-        proj = _project_dense(w0, factors, wt, k)
-        delta_sigma, kind = singular_values(w0.sub_(wt)), "dense"  # W_0 - W_t: same singular values as ΔW
-    return _layer_result(name, tuple(w0.shape), factors, proj, delta_sigma, kind, threshold, side)
+        return _Matrix(w0, factors, update=LowRankUpdate(left, right))
+    wt = work.f64(wt, 1)
+    if not bool(torch.isfinite(wt.sum())):
+        raise _non_finite(wt, name, tuned.source)
+    return _Matrix(w0, factors, wt=wt)
+
+
+def _project(m: _Matrix, k: int) -> _Projection:
+    """The top-k tuned triplets of one matrix in the base bases (k capped at min(m, n))."""
+    k = min(k, min(m.w0.shape))
+    if m.update is not None:
+        return _project_low_rank(m.w0, m.factors, m.update, k)
+    return _project_dense(m.w0, m.factors, m.wt, k)
 
 
 def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
