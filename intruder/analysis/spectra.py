@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import NonFiniteError
+from ..errors import CorruptWeightsError, NonFiniteError
 from ..outputs import atomic_write, default_cache_dir
 from ..weights.safetensors import read_safetensors, write_safetensors
 
 FORMAT_VERSION = "2"
+_RECOMPUTED = "this cache entry will be recomputed and replaced"
 
 
 @dataclass(frozen=True)
@@ -114,9 +115,9 @@ class FactorCache:
 
     Entries are safetensors files written to a temporary name and renamed into place, so a reader never sees
     a half-written entry and two processes filling the same entry both succeed. An entry that cannot be read,
-    fails its checksum, or was written for another tensor is recomputed with a warning, never trusted.
-    Hashing a large tensor costs about as much as reading it, so the hash of a tensor inside an unchanged
-    file (same path, size, mtime and inode) is remembered in `digests/`.
+    fails its checksum, or was written for another tensor is recomputed and replaced with a warning, never
+    trusted. Hashing a large tensor costs about as much as reading it, so the hash of a tensor inside an
+    unchanged file (same path, size, mtime, ctime and inode) is remembered in `digests/`.
     """
 
     def __init__(self, directory: str | os.PathLike | None = None):
@@ -148,7 +149,7 @@ class FactorCache:
         return memo[tensor]
 
     def _memo(self, file: str) -> dict[str, str]:
-        """{tensor: digest} remembered for one unchanged weights file (path, size, mtime, inode)."""
+        """{tensor: digest} remembered for one unchanged weights file (path, size, mtime, ctime, inode)."""
         if file not in self._memos:
             try:
                 memo = json.loads(self._memo_path(file).read_text())
@@ -167,14 +168,19 @@ class FactorCache:
         if not path.exists():
             return None
         try:
-            tensors, meta = read_safetensors(path)
+            tensors, meta = read_safetensors(path, advice=_RECOMPUTED)
             basis, sigma = tensors["basis"], tensors["sigma"].clone()  # sigma outlives the file buffer
             problem = _check_entry(meta, key, shape, basis, sigma)
+        except CorruptWeightsError as exc:  # names the entry and says it is recomputed
+            problem = str(exc)
         except Exception as exc:  # any unreadable entry is recomputed, never fatal
-            problem = f"unreadable ({exc})"
-        if problem is None:
-            return BaseFactors(basis, sigma, meta["left"] == "1")
-        warnings.warn(f"cache entry {path} is {problem}; recomputing it", RuntimeWarning, stacklevel=2)
+            problem = f"cache entry {path} is unreadable ({type(exc).__name__}: {exc}); {_RECOMPUTED}"
+        else:
+            if problem is None:
+                return BaseFactors(basis, sigma, meta["left"] == "1")
+            problem = f"cache entry {path} is {problem}; {_RECOMPUTED}"
+        warnings.warn(f"{problem} (to clear the whole cache, delete {self.directory})", RuntimeWarning,
+                      stacklevel=2)
         return None
 
     def store(self, key: str, shape: tuple[int, ...], factors: BaseFactors) -> BaseFactors:

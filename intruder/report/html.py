@@ -44,6 +44,7 @@ from .plot import (
 SWEEP = (0.3, 0.7)  # thresholds drawn beside the analysis ε in the intruders-against-epoch figure
 _PACKAGES = ("numpy", "torch", "transformers", "safetensors", "matplotlib", "peft")
 _PAPER = "Shuttleworth et al., arXiv 2410.21228"
+_JSON_TYPES = {list: "list", int: "number", float: "number", str: "string", bool: "boolean", type(None): "null"}
 
 
 @dataclass(eq=False)
@@ -124,6 +125,14 @@ def _load(path: Path, label: str, base, every_epoch: bool, options: dict) -> _In
         raise WeightsNotFoundError(
             f"{path} is neither a saved intruder report (a .json file from `intruder analyze --out r.json`) nor a "
             "training run directory (with config.json and epoch-NN/ checkpoints)")
+    write_one = "write one with `intruder analyze BASE TUNED --out report.json` or IntruderReport.to_json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise IntruderError(f"{path} is not valid JSON ({exc}), so not an intruder report; {write_one}") from exc
+    if not isinstance(data, dict):
+        raise IntruderError(f"{path} holds a JSON {_JSON_TYPES.get(type(data), 'value')}, not an intruder report "
+                            f'(a JSON object with "format": "intruder-report/1"); {write_one}')
     try:
         report = IntruderReport.from_json(path)
     except (ValueError, KeyError, TypeError) as exc:
@@ -151,6 +160,10 @@ def _load_run(path: Path, label: str, base, every_epoch: bool, options: dict) ->
     item = _Input(label, path, by_epoch[-1][1], run, by_epoch)
     if run.metrics is None:
         item.notes.append(f"{path} has no metrics.jsonl: the learning and forgetting figure of {label} is left out")
+    planned = run.config.get("epochs")
+    if isinstance(planned, int) and not isinstance(planned, bool) and run.epochs[-1] < planned:
+        item.notes.append(f"{label}: run stopped after epoch {run.epochs[-1]} of {planned}; resume it with "
+                          f"`intruder train --out {shlex.quote(str(path))} --resume`")
     return item
 
 

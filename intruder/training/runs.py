@@ -23,6 +23,7 @@ from pathlib import Path
 from ..errors import IntruderError, WeightsNotFoundError
 
 _CHECKPOINT = re.compile(r"^epoch-(\d+)$")
+_TRAINER_FIELDS = ("model_path", "method", "epochs", "data")  # in every config.json the trainer writes
 
 
 @dataclass(eq=False)
@@ -95,6 +96,13 @@ def load_run(path) -> TrainingRun:
     config = _read_json(path / "config.json")
     checkpoints = sorted((p for p in path.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)),
                          key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
+    if not checkpoints and not any(f in config for f in _TRAINER_FIELDS) and not (path / "metrics.jsonl").is_file():
+        kind = f" (a {config['model_type']} model directory?)" if isinstance(config.get("model_type"), str) else ""
+        raise IntruderError(
+            f"{path} is not a training run{kind}: its config.json has none of the trainer's fields "
+            f"({', '.join(_TRAINER_FIELDS)}), and it has no metrics.jsonl and no epoch-NN checkpoint. `intruder "
+            "report` takes run directories that `intruder train --out RUN` writes, and saved analyses: for a "
+            "model, run `intruder analyze BASE MODEL --out analysis.json` and report analysis.json")
     if not checkpoints:
         raise WeightsNotFoundError(f"{path} holds no epoch-NN checkpoint directory: the run may have stopped "
                                    "before its first epoch ended")

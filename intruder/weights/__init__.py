@@ -47,7 +47,7 @@ def open_weights(source, *, base=None) -> Weights:
     path = Path(source).expanduser()
     if not path.exists():
         if looks_like_hub_id(str(source)):
-            path = download(str(source))
+            path = download(str(source), local_path=path)
         else:
             raise WeightsNotFoundError(f"{path} does not exist: pass an existing model directory or file")
     if path.is_dir() and (path / "adapter_config.json").exists():

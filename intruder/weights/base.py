@@ -51,7 +51,7 @@ class Weights:
         raise NotImplementedError
 
     def fingerprint(self, name: str) -> str | None:
-        """A cheap identity of the stored bytes of `name` (file, size, mtime, tensor), or None.
+        """A cheap identity of the stored bytes of `name` (file, size, mtime, ctime, inode, tensor), or None.
 
         The factor cache uses it to remember a tensor's content hash without rehashing unchanged files.
         """
@@ -117,5 +117,8 @@ def require_file(file: Path) -> None:
 
 
 def file_fingerprint(file: Path, name: str) -> str:
+    """`path|size|mtime|ctime|inode|name`: changes whenever the file's bytes may have. The ctime is in it
+    because a rewrite in place can restore the mtime (os.utime, `touch -r`, `rsync --inplace -t`), but no
+    user can set the ctime back."""
     st = os.stat(file)
-    return f"{os.path.realpath(file)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{name}"
+    return f"{os.path.realpath(file)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}|{name}"

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import AdapterError, CorruptWeightsError, ShapeMismatchError, WeightsNotFoundError
+from ..errors import AdapterError, CorruptWeightsError, OfflineError, ShapeMismatchError, WeightsNotFoundError
 from .base import LowRankUpdate, Weights
+from .hub import looks_like_hub_id
 from .safetensors import SafetensorsWeights
 from .torch_bin import TorchBinWeights
 
@@ -104,15 +105,9 @@ class AdapterWeights(Weights):
             )
         _check_config(config, self.path, residual_base=residual_base)
         self._file = _open_adapter_file(self.path)  # before the base, which may be a download
-        if base is None:
-            base = config.get("base_model_name_or_path")
-            if not base:
-                raise AdapterError(
-                    f"{self.path / 'adapter_config.json'} names no base_model_name_or_path: pass the "
-                    "model the adapter was trained on, e.g. open_weights(adapter_dir, base='path/or/hub-id')"
-                )
+        _check_rank_fields(config, self.path, self._file)
         self._owns_base = not isinstance(base, Weights)
-        self._base = open_weights(base)
+        self._base = open_weights(base) if base is not None else _open_default_base(config, self.path)
         self._base_keys = self._base.keys()
         self._base_key_set = set(self._base_keys)
         self._heads = {k.split(".", 1)[0] for k in self._base_keys if "." in k}
@@ -196,13 +191,17 @@ class AdapterWeights(Weights):
                 f"{where} has LoRA factors of shape {tuple(module.A.shape)}: convolution LoRA "
                 "layers are not supported"
             )
-        r, r_field = _per_module(config, "rank_pattern", "r", module.path, 8)
+        r, r_field = _per_module(config, "rank_pattern", "r", module.path)
+        alpha, alpha_field = _per_module(config, "alpha_pattern", "lora_alpha", module.path)
+        _check_rank(r, r_field, self.path)
+        if not _is_number(alpha):
+            raise AdapterError(f"{self.path / 'adapter_config.json'}: `{alpha_field}` is {alpha!r}; LoRA's α "
+                               "must be a number: fix adapter_config.json")
         if module.A.shape[0] != r or module.B.shape[1] != r:
             raise AdapterError(
                 f"{where}: adapter_config.json gives r={r} (from `{r_field}`) but lora_A has shape "
                 f"{tuple(module.A.shape)} and lora_B {tuple(module.B.shape)}: fix the config or the weights"
             )
-        alpha, _ = _per_module(config, "alpha_pattern", "lora_alpha", module.path, 8)
         module.scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         module.transposed = self._orientation(module, bool(config.get("fan_in_fan_out")))
         out = module.B.shape[0]
@@ -375,16 +374,71 @@ def _check_config(config: dict, path: Path, *, residual_base: bool) -> None:
             )
 
 
-def _per_module(config: dict, pattern_field: str, field: str, path: str, default) -> tuple[float, str]:
+def _per_module(config: dict, pattern_field: str, field: str, path: str) -> tuple[float, str]:
     """r or α of one module, PEFT's way (utils/other.py `get_pattern_key`): the first pattern key k with
-    re.match(rf"(.*\\.)?({k})$", path), else the module's exact name, else the global field."""
+    re.match(rf"(.*\\.)?({k})$", path), else the module's exact name, else the global field (which
+    `_check_rank_fields` has made sure is there)."""
     pattern = config.get(pattern_field) or {}
     for key in pattern:
         if re.match(rf"(.*\.)?({key})$", path):
             return pattern[key], f"{pattern_field}[{key!r}]"
     if path in pattern:
         return pattern[path], f"{pattern_field}[{path!r}]"
-    return config.get(field, default), field
+    return config[field], field
+
+
+def _check_rank_fields(config: dict, path: Path, file: Weights) -> None:
+    """`r` and `lora_alpha` are in the config (PEFT writes both; a default would silently change the merge)
+    and `r` is a positive integer."""
+    where = path / "adapter_config.json"
+    factor = next((k for k in file.keys() if k.endswith((".lora_A.weight", ".lora_embedding_A"))), None)
+    rank = file.shape(factor)[0] if factor is not None else None
+    if "r" not in config:
+        add = f'"r": {rank}, the rank of {factor} in {file.source}' if rank else '"r": <the LoRA rank>'
+        raise AdapterError(f"{where} has no `r` field (the LoRA rank), so the merge's scale α/r is unknown: "
+                           f"add {add}")
+    if "lora_alpha" not in config:
+        raise AdapterError(f"{where} has no `lora_alpha` field (LoRA's α, the update's scale is α/r): add "
+                           '"lora_alpha": <the α the adapter was trained with> (PEFT would assume 8)')
+    _check_rank(config["r"], "r", path)
+
+
+def _check_rank(r, field: str, path: Path) -> None:
+    """A LoRA rank is a positive integer; r = 0 is refused (as PEFT does) rather than read as "no update"."""
+    where = f"{path / 'adapter_config.json'}: r = {r!r} (from `{field}`)"
+    if not isinstance(r, bool) and r == 0:
+        raise AdapterError(f"{where}: a LoRA adapter needs a positive rank (PEFT refuses r = 0 too), and a rank-0 "
+                           "adapter changes nothing: analyse the base model itself, or set r to the rank the "
+                           "adapter was trained with")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise AdapterError(f"{where}: a LoRA rank must be a positive integer; fix adapter_config.json")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _open_default_base(config: dict, path: Path) -> Weights:
+    """The base named by adapter_config.json's `base_model_name_or_path`; errors say where the name came from."""
+    from . import open_weights
+
+    file = path / "adapter_config.json"
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise AdapterError(
+            f"{file} names no base_model_name_or_path: pass the model the adapter was trained on, e.g. "
+            "open_weights(adapter_dir, base='path/or/hub-id')"
+        )
+    instead = ("pass the model the adapter was trained on instead: open_weights(adapter_dir, "
+               "base='path/or/hub-id'), as `intruder analyze BASE ADAPTER` does")
+    if not Path(str(base)).expanduser().exists() and not looks_like_hub_id(str(base)):
+        raise WeightsNotFoundError(f"the base model {base!r}, named by `base_model_name_or_path` in {file}, "
+                                   f"does not exist here: {instead}")
+    try:
+        return open_weights(base)
+    except (WeightsNotFoundError, OfflineError) as exc:
+        raise type(exc)(f"the base model {base!r}, named by `base_model_name_or_path` in {file}, cannot be "
+                        f"opened: {exc}. Or {instead}") from exc
 
 
 def _open_adapter_file(path: Path) -> Weights:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CorruptWeightsError
+from ..errors import CorruptWeightsError, WeightsNotFoundError
 from .base import Weights, file_fingerprint, require_file
 
 
@@ -53,7 +53,9 @@ class SafetensorsWeights(Weights):
             out = torch.empty(e.shape, dtype=e.dtype)
         else:
             out = out[: math.prod(e.shape)].view(e.shape)
-        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        if e.nbytes == 0:  # a 0-element tensor (e.g. a rank-0 LoRA factor): nothing to read
+            return out
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
         with open(e.file, "rb") as f:
             f.seek(e.start)
             got = f.readinto(view)
@@ -90,13 +92,16 @@ def _read_header(file: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         text = f.read(n) if 0 <= n <= 100_000_000 else b""
-    return _parse_header(file, head, text, file.stat().st_size)
+    return _parse_header(file, head, text, file.stat().st_size, _DOWNLOAD_AGAIN)
 
 
-def _parse_header(file: Path, head: bytes, text: bytes, size: int) -> tuple[dict[str, _Entry], dict[str, str]]:
+_DOWNLOAD_AGAIN = "it may be truncated or still downloading: download it again"
+
+
+def _parse_header(file: Path, head: bytes, text: bytes, size: int, advice: str
+                  ) -> tuple[dict[str, _Entry], dict[str, str]]:
     def corrupt(why: str) -> CorruptWeightsError:
-        return CorruptWeightsError(f"{file} is not a readable safetensors file ({why}); it may be truncated "
-                                   "or still downloading: download it again")
+        return CorruptWeightsError(f"{file} is not a readable safetensors file ({why}); {advice}")
 
     if len(head) < 8:
         raise corrupt(f"only {size} bytes")
@@ -128,16 +133,22 @@ def _parse_header(file: Path, head: bytes, text: bytes, size: int) -> tuple[dict
     return entries, metadata if isinstance(metadata, dict) else {}
 
 
-def read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of a small safetensors file and its metadata, with one open and one read."""
-    require_file(file)
+def read_safetensors(file: Path, *, advice: str = "it is truncated or damaged: replace it with an intact copy"
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a small safetensors file and its metadata, with one open and one read.
+
+    advice: what a CorruptWeightsError about a damaged `file` tells the reader to do (the caller knows what
+    the file is: a cache entry is recomputed, a run's checkpoint written again).
+    """
+    if not file.is_file():
+        raise WeightsNotFoundError(f"{file} does not exist")
     size = file.stat().st_size
     data = bytearray(size)
     with open(file, "rb") as f:
         got = f.readinto(data)
     n = int.from_bytes(data[:8], "little") if got >= 8 else -1
     text = bytes(data[8 : 8 + n]) if 0 <= n <= got - 8 else b""
-    entries, metadata = _parse_header(file, bytes(data[:8]) if got >= 8 else b"", text, got)
+    entries, metadata = _parse_header(file, bytes(data[:8]) if got >= 8 else b"", text, got, advice)
     tensors = {}
     for name, e in entries.items():
         # a view of the one buffer; files this package writes are 8-byte aligned, others are copied when not

@@ -99,8 +99,11 @@ def test_a_damaged_entry_is_recomputed_with_a_warning(tmp_path, monkeypatch, dam
         data = entry(tmp_path / "other").read_bytes()
     path.write_bytes(bytes(data))
     calls = counting(monkeypatch)
-    with pytest.warns(RuntimeWarning, match="recomputing"):
+    with pytest.warns(RuntimeWarning, match="will be recomputed") as caught:
         again = FactorCache(tmp_path).factors(w)
+    (message,) = [str(c.message) for c in caught]
+    assert str(path) in message and message.count(str(path)) == 1 and "download" not in message
+    assert str(tmp_path) in message  # the cache directory, to delete
     assert calls == [(24, 36)]
     assert torch.equal(again.sigma, good.sigma)
     with warnings.catch_warnings():
@@ -152,3 +155,25 @@ def test_digest_memo_follows_file_changes(tmp_path):
     os.utime(model / "model.safetensors", ns=(1, 1))  # new content, even with an old mtime
     with open_weights(model) as weights:
         assert cache.key(weights.get("w"), weights.fingerprint("w")) == tensor_digest(torch.full((8, 8), 2.0))
+
+
+def test_a_file_rewritten_in_place_with_its_mtime_restored_is_hashed_again(tmp_path):
+    from intruder.analysis._reference import brute_force
+
+    g = torch.Generator().manual_seed(1)
+    model = save_model_dir(tmp_path / "m", {"w": torch.randn(48, 32, generator=g)})
+    file = model / "model.safetensors"
+    tuned = {"w": torch.randn(48, 32, generator=g)}
+    find_intruders(model, tuned, cache_dir=tmp_path / "c", progress=False)
+    before, inode = file.stat(), file.stat().st_ino
+    new_base = tuned["w"] + 0.1 * torch.randn(48, 32, generator=g)  # the tuned model is now close to its base
+    rewritten = save_model_dir(tmp_path / "new", {"w": new_base}) / "model.safetensors"
+    with open(file, "r+b") as f:  # in place: same inode, same size
+        f.write(rewritten.read_bytes())
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (file.stat().st_ino, file.stat().st_size, file.stat().st_mtime_ns) == (inode, before.st_size,
+                                                                                  before.st_mtime_ns)
+    (layer,) = find_intruders(model, tuned, cache_dir=tmp_path / "c", progress=False).layers
+    max_cos, _ = brute_force(new_base, tuned["w"])
+    np.testing.assert_allclose(layer.max_cos, max_cos.numpy(), atol=1e-6)
+    assert layer.n_intruders == int((max_cos < 0.5).sum())

@@ -260,3 +260,40 @@ def test_report_on_a_run_of_the_real_trainer(tiny_lm, tmp_path):
     for text in ("LoRA r=4 α=8, 2 epochs", f"{summary['accuracy_after']:g}", str(tiny_lm), "epoch 01, 02"):
         assert text in markdown
     assert "data:image/png;base64," in page.read_text(encoding="utf-8")
+
+
+def test_a_model_directory_is_not_taken_for_a_run(tmp_path, capsys):
+    import torch
+
+    from tests.conftest import save_model_dir
+
+    model = save_model_dir(tmp_path / "model", {"w": torch.ones(4, 4)})
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(IntruderError, match="is not a training run") as info:
+        write_report([model], tmp_path / "out")
+    message = str(info.value)
+    assert "metrics.jsonl" in message and "intruder analyze" in message and "holds no epoch-NN" not in message
+    assert main(["report", str(model), "--out", str(tmp_path / "out")]) == 2
+    assert "is not a training run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("top", ["[1, 2]", "42", '"report"'])
+def test_a_report_json_that_is_not_an_object(tmp_path, capsys, top):
+    path = tmp_path / "r.json"
+    path.write_text(top)
+    with pytest.raises(IntruderError, match=r"r.json holds a JSON (list|number|string), not an intruder report"):
+        write_report([path], tmp_path / "out")
+    assert main(["report", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "intruder analyze" in capsys.readouterr().err
+
+
+def test_a_run_that_stopped_early_says_how_to_resume(base, tmp_path):
+    stopped = make_run(tmp_path / "stopped", base, epochs=1)
+    config = json.loads((stopped / "config.json").read_text())
+    (stopped / "config.json").write_text(json.dumps({**config, "epochs": 3}))
+    notice = f"run stopped after epoch 1 of 3; resume it with `intruder train --out {stopped} --resume`"
+    with pytest.warns(UserWarning, match=re.escape(notice)):
+        page = write_report([stopped], tmp_path / "out", cache_dir=False, formats=("png",))
+    assert notice in (tmp_path / "out" / "report.md").read_text()
+    assert f"run stopped after epoch 1 of 3; resume it with <code>intruder train --out {stopped} --resume</code>" in (
+        page.read_text())

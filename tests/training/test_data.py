@@ -146,3 +146,85 @@ def test_general_text_from_txt_and_errors(tmp_path):
 
 def test_option_fields_are_the_tin_hoc_schema():
     assert OPTION_FIELDS == ("answer_a", "answer_b", "answer_c", "answer_d")
+
+
+def _write_csv(path, rows, encoding="utf-8"):
+    with path.open("w", encoding=encoding, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "json"])
+def test_a_byte_order_mark_is_read_past(tmp_path, fmt):
+    rows = [_row(question=f"Câu {i}?") for i in range(3)]
+    path = tmp_path / f"excel.{fmt}"
+    if fmt == "csv":
+        _write_csv(path, rows, encoding="utf-8-sig")  # Excel's "CSV UTF-8"
+    elif fmt == "jsonl":
+        _write_jsonl(path, rows)
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    else:
+        path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8-sig")
+    assert [q.question for q in load_mcq(path)] == ["Câu 0?", "Câu 1?", "Câu 2?"]
+
+
+def test_general_text_with_a_byte_order_mark_and_bad_lines(tmp_path):
+    (tmp_path / "c.txt").write_text("Đoạn một.\n\nĐoạn hai.\n", encoding="utf-8-sig")
+    assert load_general_text(tmp_path / "c.txt") == ["Đoạn một.", "Đoạn hai."]
+    (tmp_path / "c.jsonl").write_text('{"text": "ok"}\n"just a string"\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"c.jsonl line 2.*object with a `text` field"):
+        load_general_text(tmp_path / "c.jsonl")
+    (tmp_path / "c.csv").write_text("text\nhello\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"c.csv.*\.jsonl.*\.txt"):
+        load_general_text(tmp_path / "c.csv")
+
+
+@pytest.mark.parametrize("top, shape", [("42", r"a number \(42\)"), ('"rows.jsonl"', "a string"),
+                                        ('{"data": 5}', "a number .* in its `data` field"),
+                                        ('{"questions": []}', "an object with fields questions")])
+def test_a_json_file_of_the_wrong_shape_is_named(tmp_path, top, shape):
+    path = tmp_path / "d.json"
+    path.write_text(top, encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}.*{shape}.*list of row objects") as info:
+        load_mcq(path)
+    assert "`data`" in str(info.value)
+
+
+def test_missing_field_lists_the_fields_the_row_has(tmp_path):
+    path = _write_csv(tmp_path / "d.csv", [{"Question": "Q?", **{k: v for k, v in _row().items() if k != "question"}}])
+    with pytest.raises(DataError, match=r"missing field\(s\) question.*has fields Question, answer_a"):
+        load_mcq(path)
+
+
+@pytest.mark.parametrize("layout", [("train.jsonl", "test.jsonl"),
+                                    ("data/train-00000-of-00001.jsonl", "data/test-00000-of-00001.jsonl"),
+                                    ("questions.jsonl", "test.jsonl")])
+def test_a_directorys_test_file_is_the_held_out_set(tmp_path, layout):
+    train_file, test_file = (tmp_path / name for name in layout)
+    train_file.parent.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(train_file, [_row(question=f"Học {i}?") for i in range(8)])
+    _write_jsonl(test_file, [_row(question=f"Thi {i}?") for i in range(3)] + [_row(question="Học 8?", split="train")])
+    questions = load_mcq(tmp_path)
+    assert len(questions) == 12  # the test file is read, not dropped
+    train, test = train_test_split(questions, test_fraction=0.5)
+    assert [q.question for q in test] == ["Thi 0?", "Thi 1?", "Thi 2?"]
+    assert sorted(q.question for q in train) == [f"Học {i}?" for i in range(9)]  # a `split` column wins
+    assert [q.question for q in load_mcq(tmp_path, split="test")] == ["Thi 0?", "Thi 1?", "Thi 2?"]
+
+
+def test_a_directory_with_only_train_files_is_split_at_random(tmp_path):
+    _write_jsonl(tmp_path / "train-00000-of-00001.jsonl", [_row(question=f"Câu {i}?") for i in range(10)])
+    questions = load_mcq(tmp_path)
+    assert {q.split for q in questions} == {"train"}
+    train, test = train_test_split(questions, test_fraction=0.2)
+    assert (len(train), len(test)) == (8, 2)
+    _write_jsonl(tmp_path / "train-00000-of-00001.jsonl", [_row(split="test")])
+    with pytest.raises(DataError, match="none is left for training"):
+        train_test_split(load_mcq(tmp_path))
+
+
+def test_a_mistyped_data_path_says_no_such_local_path(tmp_path):
+    with pytest.raises(OfflineError, match=r"no local path fx/data\b.*, and 'fx/data' cannot be downloaded"):
+        load_mcq("fx/data")

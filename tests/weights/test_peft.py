@@ -348,3 +348,55 @@ def test_uncached_hub_base_fails_offline(saved):
     edit_config(adapter_dir, base_model_name_or_path="nobody/not-a-cached-model")  # conftest sets HF_HUB_OFFLINE
     with pytest.raises(OfflineError, match="nobody/not-a-cached-model"):
         AdapterWeights(adapter_dir)
+
+
+def test_zero_rank_adapter_is_refused_clearly(saved):
+    from safetensors.torch import load_file, save_file
+
+    base_dir, adapter_dir = saved
+    file = adapter_dir / "adapter_model.safetensors"
+    tensors = {k: v[:0] if ".lora_A." in k else v[:, :0] for k, v in load_file(file).items()}  # r = 0 factors
+    save_file(tensors, file)
+    edit_config(adapter_dir, r=0)
+    key = next(k for k in tensors if ".lora_A." in k)
+    with open_weights(file) as weights:  # 0-element tensors read fine
+        assert weights.get(key).shape == (0, 32)
+    with pytest.raises(AdapterError, match=r"adapter_config.json: r = 0 \(from `r`\).*positive") as info:
+        AdapterWeights(adapter_dir, base=base_dir)
+    assert "base model" in str(info.value)  # what to analyse instead
+
+
+@pytest.mark.parametrize("field, rank", [("r", 4), ("lora_alpha", None)])
+def test_missing_rank_or_alpha_is_named_not_assumed(saved, field, rank):
+    base_dir, adapter_dir = saved
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    del config[field]
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match=rf"adapter_config.json has no `{field}`") as info:
+        AdapterWeights(adapter_dir, base=base_dir)
+    message = str(info.value)
+    assert "r=8" not in message and "from `r`" not in message
+    if rank is not None:  # the rank the factors have, as the value to add
+        assert f'"r": {rank}' in message
+
+
+@pytest.mark.parametrize("field, value", [("r", "4"), ("lora_alpha", "eight"), ("rank_pattern", {"q_proj": 2.5})])
+def test_non_numeric_rank_or_alpha_is_named(saved, field, value):
+    base_dir, adapter_dir = saved
+    edit_config(adapter_dir, **{field: value})
+    with pytest.raises(AdapterError, match=rf"adapter_config.json.*{field}"):
+        AdapterWeights(adapter_dir, base=base_dir)
+
+
+@pytest.mark.parametrize("missing", ["path", "hub id"])
+def test_missing_default_base_says_where_it_came_from(saved, tmp_path, missing, monkeypatch):
+    _, adapter_dir = saved
+    monkeypatch.chdir(tmp_path)
+    base = str(tmp_path / "moved-away") if missing == "path" else "fx/basee"
+    edit_config(adapter_dir, base_model_name_or_path=base)
+    error = WeightsNotFoundError if missing == "path" else OfflineError
+    with pytest.raises(error) as info:
+        open_weights(adapter_dir)
+    message = str(info.value)
+    assert base in message and "adapter_config.json" in message and "`base_model_name_or_path`" in message
+    assert "base=" in message

@@ -88,8 +88,12 @@ def test_missing_path(tmp_path):
 
 def test_a_hub_id_while_offline_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(OfflineError, match="cannot download 'some-org/some-model'.*local directory"):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OfflineError, match="'some-org/some-model' cannot be downloaded.*local directory"):
         open_weights("some-org/some-model")
+    with pytest.raises(OfflineError) as info:  # a mistyped local folder looks like a hub id
+        open_weights("fx/basee")
+    assert str(info.value).startswith(f"no local path fx/basee (relative to {tmp_path}), and 'fx/basee' cannot")
 
 
 @pytest.mark.parametrize("cut", [4, 100, -20])
