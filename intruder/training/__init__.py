@@ -8,6 +8,6 @@
     summary = train(TrainConfig(out="runs/lora-r8", rank=8, alpha=16, epochs=3))
 """
 
-from .trainer import TrainConfig, train
+from .trainer import TrainConfig, evaluate_model, train
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["TrainConfig", "train", "evaluate_model"]

@@ -125,22 +125,48 @@ def _choose(model, tokenizer, questions, prompts, pad: int, scoring: str, batch_
 
 
 @torch.no_grad()
-def text_loss(model, tokenizer, texts: list[str], *, batch_size: int = 2, max_length: int = 256) -> dict:
-    """{"loss", "perplexity", "tokens"}: mean next-token loss (nats) over every predicted token of `texts`."""
+def text_loss(model, tokenizer, texts: list[str], *, batch_size: int = 4, max_length: int = 256,
+              chunk: int = 128) -> dict:
+    """{"loss", "perplexity", "tokens"}: mean next-token loss (nats) over every predicted token of `texts`.
+
+    The output layer (a 262,144-way vocabulary on Gemma) dominates the cost: the decoder runs once per
+    batch, and the output projection and cross-entropy run on `chunk` positions at a time, so the full
+    (tokens, vocabulary) logits never exist at once. Texts are batched by length, which wastes no padding.
+    """
     if not texts:
         raise IntruderError("no text to measure forgetting on; the general-text corpus is empty")
     encoded = [ids[:max_length] for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
-    encoded = [ids for ids in encoded if len(ids) > 1]
+    encoded = sorted((ids for ids in encoded if len(ids) > 1), key=len)
     pad, total, tokens = pad_id(tokenizer), 0.0, 0
+    decoder, head, cap = _decoder_and_head(model)
     with _eval_mode(model):
         for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start:start + batch_size]
-            # every token after the first is a continuation of the one before it
-            summed, count = continuation_logprobs(model, [s[:1] for s in chunk], [s[1:] for s in chunk], pad)
-            total -= float(summed.sum())
-            tokens += int(count.sum())
+            rows = encoded[start:start + batch_size]
+            batch = left_padded(rows, pad, _device(model))
+            hidden = decoder(**batch, use_cache=False).last_hidden_state  # (B, T, d)
+            scored = batch["attention_mask"].bool()
+            scored[:, -1] = False  # the last position predicts nothing; every other real one predicts the next
+            targets = batch["input_ids"].roll(-1, dims=1)[scored]  # (N,)
+            hidden = hidden[scored]  # (N, d)
+            for s in range(0, len(targets), chunk):
+                logits = head(hidden[s:s + chunk]).float()  # (c, V)
+                if cap:
+                    logits = torch.tanh(logits / cap) * cap
+                total += float(F.cross_entropy(logits, targets[s:s + chunk], reduction="sum"))
+            tokens += len(targets)
     loss = total / tokens
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
+
+
+def _decoder_and_head(model):
+    """(the decoder stack returning hidden states, the output layer, the final logit soft-cap or None)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings()
+    if decoder is None or head is None:
+        raise IntruderError(f"{type(model).__name__} exposes no decoder and output layer "
+                            "(get_decoder / get_output_embeddings); measure forgetting with a causal LM")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return decoder, head, getattr(config, "final_logit_softcapping", None)
 
 
 def letter_loss(model, prompts: list[list[int]], answers: list[int], pad_id: int) -> torch.Tensor:

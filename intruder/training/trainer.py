@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import IntruderError
-from ..outputs import atomic_dir, versions
+from ..outputs import atomic_dir, versions, write_text
 from ..weights import open_weights
 from . import data as mcq_data
 from .evaluate import (
@@ -58,6 +58,9 @@ class TrainConfig:
     lr: peak learning rate; None picks 2e-4 for LoRA and 2e-5 for full fine-tuning (docs/training.md).
     warmup: fraction of optimizer steps spent warming up linearly from 0 to `lr`.
     loss: "letter" trains only the answer letter's logit; "answer" the whole " B. <option text>".
+    forget_texts: measure forgetting on the first N paragraphs of the general-text corpus, alternating its
+        languages (None: all of it). eval_every: evaluate after every N-th epoch (the last always);
+        eval_before: evaluate the untouched model first (a sweep does that once for all its runs).
     """
 
     out: str
@@ -85,6 +88,9 @@ class TrainConfig:
     seed: int = 0
     scoring: str = "letter"
     general_text: str | None = None
+    forget_texts: int | None = None
+    eval_every: int = 1
+    eval_before: bool = True
     eval_batch_size: int = 8
     device: str = "auto"
     bf16: bool = True
@@ -99,13 +105,15 @@ class TrainConfig:
                               ("scoring", SCORINGS)):
             if getattr(self, name) not in allowed:
                 raise IntruderError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
-        for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size", "eval_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise IntruderError(f"{name}={getattr(self, name)!r}: must be a positive integer")
         if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.warmup < 1 or not self.max_grad_norm > 0:
             raise IntruderError(f"lr={self.lr}, weight_decay={self.weight_decay}, warmup={self.warmup}, "
                                 f"max_grad_norm={self.max_grad_norm}: need lr > 0, weight_decay >= 0, "
                                 "0 <= warmup < 1 and max_grad_norm > 0")
+        if self.forget_texts is not None and (not isinstance(self.forget_texts, int) or self.forget_texts < 1):
+            raise IntruderError(f"forget_texts={self.forget_texts!r}: a positive number of paragraphs, or None")
         if self.method == "lora":
             self.lora_spec()  # validates rank, alpha, dropout and targets
 
@@ -130,8 +138,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     torch.manual_seed(config.seed)
     questions = mcq_data.load_mcq(config.data)
     train_set, test_set = mcq_data.train_test_split(questions, test_fraction=config.test_fraction, seed=config.seed)
-    general = mcq_data.load_general_text(config.general_text)
-    device = _device(config.device)
+    general = mcq_data.load_general_text(config.general_text, limit=config.forget_texts)
+    device = resolve_device(config.device)
     model, tokenizer, model_path = load_model(config.model, device=device)
     trainable = _prepare(model, config)
     _write_json(out / "config.json", asdict(config) | {"model_path": str(model_path)})
@@ -151,7 +159,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         start_epoch, step = _restore(state, model, config, out, optimizer, schedule, metrics)
     else:
         metrics.write_text("", encoding="utf-8")
-        _log(metrics, {"kind": "eval", "step": 0, "epoch": 0, **evaluate()})
+        if config.eval_before:
+            _log(metrics, {"kind": "eval", "step": 0, "epoch": 0, **evaluate()})
 
     bar = _progress_bar(total_steps, step, progress)
     started = time.perf_counter()
@@ -167,7 +176,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             _log(metrics, record)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
-        _log(metrics, {"kind": "eval", "step": step, "epoch": epoch + 1, **evaluate()})
+        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+            _log(metrics, {"kind": "eval", "step": step, "epoch": epoch + 1, **evaluate()})
         _checkpoint(model, config, out, epoch + 1, model_path)
         _save_state(out, epoch + 1, step, optimizer, schedule, metrics)
     bar.close()
@@ -276,12 +286,22 @@ def _lr_lambda(config: TrainConfig, total_steps: int):
     return factor
 
 
+def evaluate_model(model, tokenizer, config: TrainConfig) -> dict:
+    """Learning and forgetting of `model` as the trainer measures them for `config`: held-out accuracy on the
+    config's test split and loss on its general-text corpus; {"accuracy", "forget_loss", ...}."""
+    questions = mcq_data.load_mcq(config.data)
+    _, test_set = mcq_data.train_test_split(questions, test_fraction=config.test_fraction, seed=config.seed)
+    general = mcq_data.load_general_text(config.general_text, limit=config.forget_texts)
+    device = next(model.parameters()).device
+    return _evaluator(model, tokenizer, test_set, general, config, _autocast(config, device))()
+
+
 def _evaluator(model, tokenizer, test_set, general, config: TrainConfig, autocast):
     def evaluate() -> dict:
         with autocast:
             mcq = mcq_accuracy(model, tokenizer, test_set, context=config.context, scoring=config.scoring,
                                batch_size=config.eval_batch_size, max_length=config.max_length)
-            text = text_loss(model, tokenizer, general, batch_size=1)
+            text = text_loss(model, tokenizer, general)
         return {"accuracy": mcq["accuracy"], "n_questions": mcq["n_questions"], "forget_loss": text["loss"],
                 "perplexity": text["perplexity"], "forget_tokens": text["tokens"]}
 
@@ -341,11 +361,13 @@ def _write_summary(out: Path, config, model_path, trainable, n_train: int, n_tes
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     steps = [r for r in records if r["kind"] == "train"]
+    before = next((r for r in evals if r["epoch"] == 0), None)  # absent with eval_before=False
     summary = {
         "config": asdict(config) | {"model_path": str(model_path)}, "evals": evals,
-        "accuracy_before": evals[0]["accuracy"], "accuracy_after": evals[-1]["accuracy"],
-        "forget_loss_before": evals[0]["forget_loss"], "forget_loss_after": evals[-1]["forget_loss"],
-        "forgetting": evals[-1]["forget_loss"] - evals[0]["forget_loss"],
+        "accuracy_after": evals[-1]["accuracy"], "forget_loss_after": evals[-1]["forget_loss"],
+        "accuracy_before": before["accuracy"] if before else None,
+        "forget_loss_before": before["forget_loss"] if before else None,
+        "forgetting": evals[-1]["forget_loss"] - before["forget_loss"] if before else None,
         "steps": len(steps), "tokens_per_s": sum(r["tokens_per_s"] for r in steps) / max(1, len(steps)),
         "trainable_parameters": sum(p.numel() for p in trainable), "n_train": n_train, "n_test": n_test,
         "checkpoints": sorted(p.name for p in out.glob("epoch-*") if p.is_dir()),
@@ -355,7 +377,8 @@ def _write_summary(out: Path, config, model_path, trainable, n_train: int, n_tes
     return summary
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """"auto" (CUDA when torch sees one, else the CPU), "cpu", "cuda" or "cuda:N"."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -381,6 +404,4 @@ def _log(path: Path, record: dict) -> None:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -51,16 +52,22 @@ def test_mean_loglik_scoring_matches_unbatched(lm):
 
 def test_text_loss_is_token_weighted_next_token_loss(lm):
     model, tokenizer = lm
-    texts = load_general_text()[:4]
-    total, tokens = 0.0, 0
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # spread the logits, so that tokens (and texts) have clearly different losses
+        model.get_output_embeddings().weight.mul_(40)
+    texts = [text[:length] for text, length in zip(load_general_text()[:4], (30, 60, 90, 1000))]
+    total, tokens, per_text = 0.0, 0, []
     for text in texts:
         ids = tokenizer(text)["input_ids"][:64]
         with torch.no_grad():
             loss = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss
         total += float(loss) * (len(ids) - 1)
         tokens += len(ids) - 1
-    for batch_size in (1, 3):
-        result = text_loss(model, tokenizer, texts, batch_size=batch_size, max_length=64)
+        per_text.append(float(loss))
+    assert len({len(tokenizer(t)["input_ids"][:64]) for t in texts}) == 4  # unequal lengths
+    assert abs(sum(per_text) / 4 - total / tokens) > 0.05  # a mean of per-text means would be caught
+    for batch_size, chunk in ((1, 128), (3, 7), (4, 1)):
+        result = text_loss(model, tokenizer, texts, batch_size=batch_size, max_length=64, chunk=chunk)
         assert result["tokens"] == tokens
         assert result["loss"] == pytest.approx(total / tokens, rel=1e-5)
         assert result["perplexity"] == pytest.approx(math.exp(total / tokens), rel=1e-5)
