@@ -13,14 +13,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="intruder", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_analyze(commands)
+    _add_mitigate(commands)
     _add_train(commands)
     _add_report(commands)
+    _add_sweep(commands)
+    _add_demo(commands)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
     except IntruderError as exc:
         print(f"intruder: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        kept = getattr(args, "kept", "nothing half-written: every file is written beside its place and renamed in")
+        print(f"\nintruder: interrupted. Kept: {kept}. To continue, run the same command again:\n"
+              f"  intruder {' '.join(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+        return 130
 
 
 def _add_analyze(commands) -> None:
@@ -64,6 +72,31 @@ def _analyze(args) -> int:
     return 0
 
 
+def _add_mitigate(commands) -> None:
+    p = commands.add_parser("mitigate", help="scale the intruder dimensions of a fine-tuned model or adapter by λ",
+                            description="Write W' = W_t + (λ−1) Σ σ_j u_j v_jᵀ over the intruders find_intruders "
+                            "flags: an exact PEFT adapter of rank r + |I| per changed module for a LoRA adapter, "
+                            "else a safetensors model directory (with the tuned model's config and tokenizer).")
+    p.add_argument("base", help="pretrained model: directory, .safetensors/.bin/.gguf file, or hub id")
+    p.add_argument("tuned", help="fine-tuned model (same forms) or a PEFT LoRA adapter directory")
+    p.add_argument("--lam", type=float, default=0.5, help="λ >= 0, the factor on each intruder's σ (1 keeps, "
+                                                          "0 removes; default 0.5)")
+    p.add_argument("--out", type=Path, required=True, help="directory to write (replaced atomically if it holds "
+                                                           "an earlier `intruder mitigate` output)")
+    _add_analysis_options(p)
+    p.set_defaults(run=_mitigate)
+
+
+def _mitigate(args) -> int:
+    from .analysis import scale_intruders
+
+    result = scale_intruders(args.base, args.tuned, args.out, lam=args.lam, threshold=args.threshold,
+                             top_k=args.top_k, side=args.side, layers=args.layers, device=args.device,
+                             cache_dir=False if args.no_cache else args.cache_dir, progress=not args.quiet)
+    print(result.summary())
+    return 0
+
+
 def _add_report(commands) -> None:
     p = commands.add_parser("report", help="write an HTML and a Markdown report of analyses and training runs",
                             description="Write OUT/report.html (self-contained), OUT/report.md, OUT/figures/ and "
@@ -98,10 +131,6 @@ def _report(args) -> int:
 
 
 def _add_train(commands) -> None:
-    from .training.lora import PRESETS
-    from .training.trainer import LOSSES, METHODS, SCHEDULES, TrainConfig
-
-    default = TrainConfig(out="")
     p = commands.add_parser(
         "train", help="fine-tune a causal LM with LoRA or fully on multiple-choice questions",
         description="Train, evaluate learning (held-out accuracy) and forgetting (general-text loss) after "
@@ -109,20 +138,35 @@ def _add_train(commands) -> None:
                     "with --resume the values in the run's config.json.",
         argument_default=argparse.SUPPRESS)
     p.add_argument("--out", required=True, help="run directory (created; refused if it holds another run)")
+    _add_training_options(p, grid=True)
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    resume.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_train)
+
+
+def _add_training_options(p, *, grid: bool) -> None:
+    """The options of `TrainConfig`; with grid=False, those a sweep varies (method, rank, α, lr) are left out."""
+    from .training.lora import PRESETS
+    from .training.trainer import LOSSES, METHODS, SCHEDULES, TrainConfig
+
+    default = TrainConfig(out="")
     p.add_argument("--model", help=f"HF model directory, hub id or .gguf file (default {default.model})")
     p.add_argument("--data", help="'sample' (bundled), a .parquet/.jsonl/.json/.csv file or a hub data set id")
-    p.add_argument("--method", choices=METHODS, help=f"default {default.method}")
-    p.add_argument("--rank", type=int, help=f"LoRA rank r (default {default.rank})")
-    p.add_argument("--alpha", type=float, help=f"LoRA α; scale α/r (default {default.alpha:g})")
-    p.add_argument("--rslora", action="store_true", help="scale α/√r (rank-stabilised LoRA)")
+    if grid:
+        p.add_argument("--method", choices=METHODS, help=f"default {default.method}")
+        p.add_argument("--rank", type=int, help=f"LoRA rank r (default {default.rank})")
+        p.add_argument("--alpha", type=float, help=f"LoRA α; scale α/r (default {default.alpha:g})")
+        p.add_argument("--rslora", action="store_true", help="scale α/√r (rank-stabilised LoRA)")
+        p.add_argument("--lr", type=float, help="peak learning rate (default 2e-4 for lora, 2e-5 for full)")
+        p.add_argument("--epochs", type=int, help=f"default {default.epochs}")
     p.add_argument("--dropout", type=float, help="dropout on the LoRA input (default 0)")
     p.add_argument("--targets", nargs="+", help=f"presets {', '.join(PRESETS)} and/or module names such as "
                                                 "q_proj, embed_tokens, lm_head (default all-linear)")
     p.add_argument("--train-embeddings", action="store_true", help="full fine-tuning: train embeddings too")
-    p.add_argument("--epochs", type=int, help=f"default {default.epochs}")
     p.add_argument("--batch-size", type=int, help=f"questions per micro-batch (default {default.batch_size})")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-4 for lora, 2e-5 for full)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
     p.add_argument("--warmup", type=float, help=f"fraction of steps warming up (default {default.warmup})")
     p.add_argument("--schedule", choices=SCHEDULES, help=f"decay after warm-up (default {default.schedule})")
@@ -135,12 +179,10 @@ def _add_train(commands) -> None:
     p.add_argument("--seed", type=int, help="seed of initialisation, data order and splits (default 0)")
     p.add_argument("--scoring", choices=("letter", "mean-loglik"), help="how accuracy picks an option")
     p.add_argument("--general-text", help="forgetting corpus: .jsonl (`text`) or .txt (default: bundled)")
+    p.add_argument("--forget-texts", type=int, help="measure forgetting on N paragraphs of it (default: all)")
+    p.add_argument("--eval-every", type=int, help="evaluate after every N-th epoch; the last always (default 1)")
+    p.add_argument("--eval-batch-size", type=int, help=f"questions per evaluation batch ({default.eval_batch_size})")
     p.add_argument("--device", help="auto (default), cpu or cuda")
-    resume = p.add_mutually_exclusive_group()
-    resume.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
-    resume.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=_train)
 
 
 def _train(args) -> int:
@@ -163,6 +205,112 @@ def _train(args) -> int:
           f"{summary['forget_loss_after']:.3f} nats (forgetting {summary['forgetting']:+.3f})")
     print(f"wrote {args.out}: {', '.join(summary['checkpoints'])}, metrics.jsonl, summary.json")
     return 0
+
+def _add_sweep(commands) -> None:
+    from .study.grid import Grid
+
+    default = Grid()
+    p = commands.add_parser(
+        "sweep", help="train a grid of LoRA and full fine-tuning runs, analyse every epoch, compare them",
+        description="Train every configuration of the grid (one ordinary run directory each under DIR/runs/), "
+                    "analyse every epoch's checkpoint, evaluate learning, forgetting and the λ intervention, "
+                    "and write DIR/sweep.jsonl, DIR/report.html and DIR/report.md. Run the same command again "
+                    "to continue a sweep that was stopped; nothing finished is redone.")
+    p.add_argument("--out", required=True, type=Path, help="sweep directory")
+    p.add_argument("--methods", default=",".join(default.methods), help="lora,full (default both)")
+    p.add_argument("--ranks", default="1,8,64", help="LoRA ranks (default 1,8,64)")
+    p.add_argument("--alphas", default="2r", help="α rules: 2r, a number (fixed α), rslora or rslora:A")
+    p.add_argument("--lrs", default="1e-3", help="LoRA learning rates (default 1e-3)")
+    p.add_argument("--full-lrs", default="2e-5", help="full fine-tuning learning rates (default 2e-5)")
+    p.add_argument("--epochs", type=int, default=default.epochs, help=f"per run (default {default.epochs})")
+    p.add_argument("--lams", default="1,0.5,0", help="λ scales of the intruder directions (default 1,0.5,0)")
+    p.add_argument("--threshold", type=float, default=0.5, help="ε of the intruder counts and of the mitigation")
+    p.add_argument("--top-k", type=int, default=10, help="tuned singular vectors examined per matrix")
+    p.add_argument("--shard", default="1/1", help="I/N: run only every N-th configuration, from the I-th")
+    p.add_argument("--extend", action="store_true", help="add this grid's runs to the sweep already in --out")
+    p.add_argument("--report-only", action="store_true", help="merge what every shard finished into the report")
+    p.add_argument("--cache-dir", help="base-factor cache shared by every run (default ~/.cache/intruder)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    train = p.add_argument_group("training options applied to every run (see `intruder train --help`)")
+    _add_training_options(train, grid=False)
+    p.set_defaults(run=_sweep)
+
+
+def _sweep(args) -> int:
+    from .report.sweep_page import findings, write_sweep_report
+    from .study.grid import Grid, parse_alpha_rules
+    from .study.runner import collect, load_grid, sweep
+
+    args.kept = f"every finished run, analysis and evaluation in {args.out}"
+    if args.report_only:
+        rows = collect(args.out)
+    else:
+        shared = {k.replace("-", "_"): v for k, v in vars(args).items() if k in _TRAIN_FIELDS and v is not None}
+        if "targets" in shared:
+            shared["targets"] = list(shared["targets"])
+        grid = Grid(methods=_split(args.methods, str), ranks=_split(args.ranks, int),
+                    alphas=parse_alpha_rules(args.alphas), lrs=_split(args.lrs, float),
+                    full_lrs=_split(args.full_lrs, float), epochs=args.epochs, lams=_split(args.lams, float),
+                    threshold=args.threshold, top_k=args.top_k, train=shared)
+        rows = sweep(args.out, grid, shard=_shard(args.shard), extend=args.extend, cache_dir=args.cache_dir,
+                     progress=not args.quiet)
+    page = write_sweep_report(rows, load_grid(args.out).to_dict(), args.out, command=_command_line())
+    for text in findings(rows):
+        print(f"- {text}")
+    print(f"wrote {args.out / 'sweep.jsonl'}, {page} and {page.with_name('report.md')}")
+    return 0
+
+
+def _add_demo(commands) -> None:
+    p = commands.add_parser(
+        "demo", help="README's first command: a small sweep on Gemma 3 270M with findings, in minutes on a CPU",
+        description="LoRA at r = 1 and 16 and full fine-tuning of Gemma 3 270M on the bundled Vietnamese "
+                    "informatics questions, two epochs each, every epoch analysed, the intruders of the LoRA "
+                    "runs scaled by λ = 0.5 and 0; then a report and a few plain findings.")
+    p.add_argument("--out", type=Path, default=Path("intruder-demo"), help="where (default ./intruder-demo)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_demo)
+
+
+def _demo(args) -> int:
+    from .study.demo import demo
+
+    args.kept = f"every finished run, analysis and evaluation in {args.out}"
+    result = demo(args.out, progress=not args.quiet)
+    print("\nFindings of this run:")
+    for text in result["findings"]:
+        print(f"- {text}")
+    print(f"\nReport: {result['page']} (and {result['page'].with_name('report.md')}); "
+          f"took {result['seconds'] / 60:.1f} minutes")
+    return 0
+
+
+_TRAIN_FIELDS = ("model", "data", "dropout", "targets", "train_embeddings", "batch_size", "grad_accum",
+                 "weight_decay", "warmup", "schedule", "max_grad_norm", "loss", "context", "max_length",
+                 "test_fraction", "seed", "scoring", "general_text", "forget_texts", "eval_every",
+                 "eval_batch_size", "device")
+
+
+def _split(text: str, kind) -> tuple:
+    try:
+        return tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise IntruderError(f"{text!r}: give comma-separated {kind.__name__} values, e.g. 1,8,64") from None
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    try:
+        return int(index), int(count)
+    except ValueError:
+        raise IntruderError(f"--shard {text!r}: give I/N, e.g. 2/4 for the second of four shards") from None
+
+
+def _command_line() -> str:
+    import shlex
+
+    return "intruder " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
