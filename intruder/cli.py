@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -26,15 +27,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         kept = getattr(args, "kept", "nothing half-written: every file is written beside its place and renamed in")
-        print(f"\nintruder: interrupted. Kept: {kept}. To continue, run the same command again:\n"
-              f"  intruder {' '.join(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+        again = getattr(args, "again", None)  # a command that continues the work, where it is not the same one
+        how = f"run:\n  {again}" if again else f"run the same command again:\n  {_command_line(argv)}"
+        print(f"\nintruder: interrupted. Kept: {kept}. To continue, {how}", file=sys.stderr)
         return 130
 
 
 def _add_analyze(commands) -> None:
     p = commands.add_parser("analyze", help="find intruder dimensions of a fine-tuned model or LoRA adapter",
                             description="Print one line per analysed matrix and the total number of intruders.")
-    p.add_argument("base", help="pretrained model: directory, .safetensors/.bin/.gguf file, or hub id")
+    p.add_argument("base", nargs="?", help="pretrained model: directory, .safetensors/.bin/.gguf file, or hub id "
+                                          "(left out for an adapter: its adapter_config.json's "
+                                          "base_model_name_or_path)")
     p.add_argument("tuned", help="fine-tuned model (same forms) or a PEFT LoRA adapter directory")
     p.add_argument("--out", type=Path, help="write the full result to FILE.json or the table to FILE.csv")
     _add_analysis_options(p)
@@ -55,21 +59,47 @@ def _add_analysis_options(p) -> None:
 
 def _analyze(args) -> int:
     from .analysis import find_intruders
+    from .outputs import check_output_file
 
-    if args.out is not None and args.out.suffix.lower() not in (".json", ".csv"):
-        raise IntruderError(f"--out {args.out}: name a .json or .csv file")
-    report = find_intruders(args.base, args.tuned, threshold=args.threshold, top_k=args.top_k,
+    if args.out is not None:
+        if args.out.suffix.lower() not in (".json", ".csv"):
+            raise IntruderError(f"--out {args.out}: name a .json or .csv file")
+        check_output_file(args.out)
+    base = args.base if args.base is not None else _adapter_base(Path(args.tuned))
+    args.kept = "nothing was written" + (f" ({args.out} is as it was)" if args.out is not None else "")
+    report = find_intruders(base, args.tuned, threshold=args.threshold, top_k=args.top_k,
                             side=args.side, layers=args.layers, device=args.device,
                             cache_dir=False if args.no_cache else args.cache_dir, progress=not args.quiet)
     print(report.summary())
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         if args.out.suffix.lower() == ".json":
             report.to_json(args.out)
         else:
             report.to_csv(args.out)
         print(f"wrote {args.out}")
     return 0
+
+
+def _adapter_base(adapter: Path) -> str:
+    """The base model a PEFT adapter directory names (adapter_config.json's base_model_name_or_path), said on
+    stderr; for `intruder analyze ADAPTER` with the base left out."""
+    import json
+
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        raise IntruderError(f"{adapter} is not a LoRA adapter directory (it has no adapter_config.json), so it "
+                            f"names no base model: pass the base first, `intruder analyze BASE {adapter}`")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise IntruderError(f"{config_file} is not valid JSON ({exc}); fix it, or pass the base first, "
+                            f"`intruder analyze BASE {adapter}`") from exc
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base:
+        raise IntruderError(f"{config_file} names no base_model_name_or_path: pass the base model first, "
+                            f"`intruder analyze BASE {adapter}`")
+    print(f"intruder: base model {base} (base_model_name_or_path in {config_file})", file=sys.stderr)
+    return base
 
 
 def _add_mitigate(commands) -> None:
@@ -181,30 +211,68 @@ def _add_training_options(p, *, grid: bool) -> None:
     p.add_argument("--general-text", help="forgetting corpus: .jsonl (`text`) or .txt (default: bundled)")
     p.add_argument("--forget-texts", type=int, help="measure forgetting on N paragraphs of it (default: all)")
     p.add_argument("--eval-every", type=int, help="evaluate after every N-th epoch; the last always (default 1)")
+    p.add_argument("--bucket", type=int, help="sort windows of N micro-batches by length: less padding (1: off)")
     p.add_argument("--eval-batch-size", type=int, help=f"questions per evaluation batch ({default.eval_batch_size})")
     p.add_argument("--device", help="auto (default), cpu or cuda")
 
 
 def _train(args) -> int:
-    import json
-
     from .training import TrainConfig, train
+    from .training.trainer import saved_config
 
     options = {k: v for k, v in vars(args).items() if k not in ("run", "command", "resume", "overwrite", "quiet")}
     resume = getattr(args, "resume", False)
-    saved = Path(args.out) / "config.json"
-    if resume and saved.is_file():
-        options = json.loads(saved.read_text(encoding="utf-8")) | options
+    if resume and (Path(args.out) / "config.json").is_file():
+        options = saved_config(Path(args.out)) | options
     if "targets" in options:
         options["targets"] = tuple(options["targets"])
     config = TrainConfig.from_dict(options)
-    summary = train(config, resume=resume, overwrite=getattr(args, "overwrite", False),
-                    progress=not getattr(args, "quiet", False))
+    before = _state_stamp(Path(args.out))
+    try:
+        with _warnings_to_stderr():
+            summary = train(config, resume=resume, overwrite=getattr(args, "overwrite", False),
+                            progress=not getattr(args, "quiet", False))
+    except KeyboardInterrupt:
+        args.kept, args.again = _kept_epochs(Path(args.out), config.epochs, before)
+        raise
     print(f"accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} "
           f"on {summary['n_test']} held-out questions; general-text loss {summary['forget_loss_before']:.3f} -> "
           f"{summary['forget_loss_after']:.3f} nats (forgetting {summary['forgetting']:+.3f})")
     print(f"wrote {args.out}: {', '.join(summary['checkpoints'])}, metrics.jsonl, summary.json")
     return 0
+
+
+def _kept_epochs(out: Path, epochs: int, before) -> tuple[str, str | None]:
+    """What an interrupted `train` kept in `out`, and the command that continues it (None: the same one).
+    before: `_state_stamp(out)` when the command started; unchanged, no epoch of this command was saved."""
+    import shlex
+
+    if _state_stamp(out) in (None, before):
+        return f"nothing new: no epoch had finished, so {out} is as it was before this command", None
+    done = sorted(p.name for p in out.glob("epoch-*") if p.is_dir())
+    return (f"{', '.join(done)} of {epochs} epochs in {out} (checkpoints, metrics.jsonl and state.pt)",
+            f"intruder train --out {shlex.quote(str(out))} --resume")
+
+
+def _state_stamp(out: Path):
+    """Identity of out/state.pt (inode, modification time), None when absent: the trainer replaces it after
+    every epoch it saves."""
+    try:
+        stat = (out / "state.pt").stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+@contextlib.contextmanager
+def _warnings_to_stderr():
+    """Print each warning as `intruder: warning: ...` when it is raised (a long run should not hold them)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_, **__: print(f"intruder: warning: {message}", file=sys.stderr)
+        yield
+
 
 def _add_sweep(commands) -> None:
     from .study.grid import Grid
@@ -226,6 +294,7 @@ def _add_sweep(commands) -> None:
     p.add_argument("--lams", default="1,0.5,0", help="λ scales of the intruder directions (default 1,0.5,0)")
     p.add_argument("--threshold", type=float, default=0.5, help="ε of the intruder counts and of the mitigation")
     p.add_argument("--top-k", type=int, default=10, help="tuned singular vectors examined per matrix")
+    p.add_argument("--lam-threshold", type=float, help="ε of the directions λ scales (default: --threshold)")
     p.add_argument("--shard", default="1/1", help="I/N: run only every N-th configuration, from the I-th")
     p.add_argument("--extend", action="store_true", help="add this grid's runs to the sweep already in --out")
     p.add_argument("--report-only", action="store_true", help="merge what every shard finished into the report")
@@ -251,7 +320,7 @@ def _sweep(args) -> int:
         grid = Grid(methods=_split(args.methods, str), ranks=_split(args.ranks, int),
                     alphas=parse_alpha_rules(args.alphas), lrs=_split(args.lrs, float),
                     full_lrs=_split(args.full_lrs, float), epochs=args.epochs, lams=_split(args.lams, float),
-                    threshold=args.threshold, top_k=args.top_k, train=shared)
+                    threshold=args.threshold, top_k=args.top_k, lam_threshold=args.lam_threshold, train=shared)
         rows = sweep(args.out, grid, shard=_shard(args.shard), extend=args.extend, cache_dir=args.cache_dir,
                      progress=not args.quiet)
     page = write_sweep_report(rows, load_grid(args.out).to_dict(), args.out, command=_command_line())
@@ -288,7 +357,7 @@ def _demo(args) -> int:
 _TRAIN_FIELDS = ("model", "data", "dropout", "targets", "train_embeddings", "batch_size", "grad_accum",
                  "weight_decay", "warmup", "schedule", "max_grad_norm", "loss", "context", "max_length",
                  "test_fraction", "seed", "scoring", "general_text", "forget_texts", "eval_every",
-                 "eval_batch_size", "device")
+                 "eval_batch_size", "bucket", "device")
 
 
 def _split(text: str, kind) -> tuple:
@@ -306,10 +375,10 @@ def _shard(text: str) -> tuple[int, int]:
         raise IntruderError(f"--shard {text!r}: give I/N, e.g. 2/4 for the second of four shards") from None
 
 
-def _command_line() -> str:
+def _command_line(argv: list[str] | None = None) -> str:
     import shlex
 
-    return "intruder " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return "intruder " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,7 +2,8 @@
 
 Every file is written beside its place and renamed in (`atomic_write`, `write_text`, `atomic_dir`), so that a
 failure (disk full, Ctrl-C) leaves either the old content or the new one, never a half-written file, and
-nothing a user had is removed before its replacement exists. `versions()` records what produced an output.
+nothing a user had is removed before its replacement exists. `check_output_file` and `check_output_dir` refuse
+a path that cannot be written before any work is done. `versions()` records what produced an output.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import IntruderError
+
 
 def default_cache_dir() -> Path:
     """$INTRUDER_CACHE, else $XDG_CACHE_HOME/intruder, else ~/.cache/intruder."""
@@ -20,6 +23,40 @@ def default_cache_dir() -> Path:
         return Path(os.environ["INTRUDER_CACHE"]).expanduser()
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "intruder"
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """`path`, if a file can be written there; else an IntruderError saying why (a directory, a parent that is a
+    file, a folder without write permission). Call it before the work whose result goes there."""
+    path = Path(path)
+    if path.is_dir():
+        raise IntruderError(f"output file {path} is a directory: name a file to write, e.g. "
+                            f"{path / ('report' + (path.suffix or '.json'))}")
+    _check_writable_under(path.parent, path)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """`path`, if it is a directory, or can be created as one, that files can be written into; else an
+    IntruderError saying why. Call it before the work whose results go there."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise IntruderError(f"output directory {path} is a file, not a directory: choose a new or existing "
+                            "directory")
+    _check_writable_under(path, path)
+    return path
+
+
+def _check_writable_under(folder: Path, path: Path) -> None:
+    """Refuse `path` when the nearest existing folder of `folder` (itself or an ancestor) is a file or not
+    writable: nothing could be created below it."""
+    folder = Path(os.path.abspath(folder))
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise IntruderError(f"cannot write {path}: {existing} is a file, not a directory; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise IntruderError(f"cannot write {path}: no permission to write in {existing}; choose a directory you "
+                            "can write to")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:

@@ -1,9 +1,11 @@
 """`intruder analyze` end to end, on files, as a user runs it."""
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from intruder.cli import main
@@ -50,3 +52,82 @@ def test_console_script_runs(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "total: 2 intruders" in done.stdout
     assert torch.__version__  # the subprocess imported the same environment
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the analysis ran although --out cannot be written")
+
+
+def test_analyze_out_is_renamed_in_never_written_in_place(tmp_path, monkeypatch):
+    base, tuned = models(tmp_path)
+    for name in ("r.json", "r.csv"):
+        out = tmp_path / name
+        out.write_text("old")
+        os.link(out, tmp_path / f"before-{name}")  # a second name for the old file
+        assert main(["analyze", str(base), str(tuned), "--out", str(out), "--quiet"]) == 0
+        assert (tmp_path / f"before-{name}").read_text() == "old"  # the old file was left whole
+        assert out.read_text() != "old"
+    done = (tmp_path / "r.json").read_text()
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("intruder.outputs.os.fsync", interrupted)  # Ctrl-C while the new file is being written
+    assert main(["analyze", str(base), str(tuned), "--out", str(tmp_path / "r.json"), "--quiet", "--no-cache",
+                 "--threshold", "0.3"]) == 130
+    assert (tmp_path / "r.json").read_text() == done and not list(tmp_path.glob(".r.json*"))
+
+
+def test_analyze_refuses_an_out_it_cannot_write_before_analysing(tmp_path, monkeypatch, capsys):
+    base, tuned = models(tmp_path)
+    monkeypatch.setattr("intruder.analysis.find_intruders", _must_not_run)
+    (tmp_path / "taken.json").mkdir()
+    (tmp_path / "notes").write_text("mine")
+    for out, message in [(tmp_path / "taken.json", "is a directory"),
+                         (tmp_path / "notes" / "r.json", "notes is a file, not a directory")]:
+        assert main(["analyze", str(base), str(tuned), "--out", str(out), "--quiet"]) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.setattr("intruder.outputs.os.access", lambda *args, **kwargs: False)  # as a folder of another user
+    assert main(["analyze", str(base), str(tuned), "--out", str(tmp_path / "new" / "r.json"), "--quiet"]) == 2
+    assert "no permission to write in" in capsys.readouterr().err
+    assert (tmp_path / "notes").read_text() == "mine" and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--layers", "("], "layers='(' is not a valid regular expression"),
+    (["--device", "foo"], "device='foo' is not a torch device"),
+    (["--device", "cuda"], "device='cuda' but this torch"),
+])
+def test_analyze_bad_layers_or_device_exit_2(tmp_path, monkeypatch, capsys, option, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only torch
+    base, tuned = models(tmp_path)
+    assert main(["analyze", str(base), str(tuned), "--quiet", *option]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_ctrl_c_in_analyze_says_nothing_was_written(tmp_path, monkeypatch, capsys):
+    base, tuned = models(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("intruder.analysis.find_intruders", interrupted)
+    assert main(["analyze", str(base), str(tuned), "--out", str(tmp_path / "r.json"), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted. Kept: nothing was written" in err and "run the same command again" in err
+    assert "Traceback" not in err and not (tmp_path / "r.json").exists()
+
+
+def test_analyze_an_adapter_alone_takes_its_base_from_the_adapter(tmp_path, capsys):
+    base, _ = models(tmp_path)
+    adapter = random_adapter(base, tmp_path / "adapter", rank=4, strength=5.0, targets=("up_proj",))
+    assert main(["analyze", str(adapter), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert f"base model {base} (base_model_name_or_path in {adapter / 'adapter_config.json'})" in captured.err
+    assert "total: " in captured.out and "up_proj" in captured.out
+    assert main(["analyze", str(base), "--quiet"]) == 2  # a model, not an adapter: it names no base
+    assert "is not a LoRA adapter directory" in capsys.readouterr().err
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": None}))
+    assert main(["analyze", str(adapter), "--quiet"]) == 2
+    assert "names no base_model_name_or_path" in capsys.readouterr().err

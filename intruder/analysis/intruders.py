@@ -13,6 +13,7 @@ The other side's cosines follow from the same eigenvectors at O(k) extra matrix-
 
 from __future__ import annotations
 
+import numbers
 import platform
 import re
 import time
@@ -77,7 +78,7 @@ def find_intruders(base, tuned, *, threshold: float = 0.5, top_k: int = 10, side
     cache_dir: where base factors are cached (default `~/.cache/intruder`); False disables the cache.
     """
     check_options(threshold, top_k, side)
-    device = torch.device(device or "cpu")
+    device = check_device(device)
     base_w = open_weights(base)
     tuned_w = open_weights(tuned, base=base_w)
     cache = None if cache_dir is False else FactorCache(cache_dir)
@@ -106,12 +107,37 @@ def find_intruders(base, tuned, *, threshold: float = 0.5, top_k: int = 10, side
 
 def check_options(threshold: float, top_k: int, side: str) -> None:
     """Raise IntruderError unless ε, k and the side are ones `find_intruders` accepts."""
-    if side not in SIDES:
+    if not isinstance(side, str) or side not in SIDES:
         raise IntruderError(f"side={side!r}: use one of {', '.join(SIDES)}")
-    if not 0 < threshold <= 1:
-        raise IntruderError(f"threshold={threshold}: a cosine threshold must lie in (0, 1]")
-    if not isinstance(top_k, int) or top_k < 1:
-        raise IntruderError(f"top_k={top_k!r}: give a positive number of tuned singular vectors")
+    if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool):
+        raise IntruderError(f"threshold={threshold!r} is a {type(threshold).__name__}: give a number in (0, 1], "
+                            "e.g. threshold=0.5")
+    if not 0 < threshold <= 1:  # NaN fails this too
+        raise IntruderError(f"threshold={threshold}: a cosine threshold must lie in (0, 1], e.g. 0.5")
+    if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1:
+        raise IntruderError(f"top_k={top_k!r}: give a positive whole number of tuned singular vectors, e.g. 10")
+
+
+def check_device(device) -> torch.device:
+    """The torch device the analysis runs on: None or "cpu" (the CPU), "cuda" or "cuda:N" when torch sees that
+    GPU; anything else raises IntruderError."""
+    try:
+        found = torch.device(device or "cpu")
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise IntruderError(f"device={device!r} is not a torch device ({exc}); use 'cpu' (the default) or "
+                            "'cuda'") from None
+    if found.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise IntruderError(f"device={device!r} but this torch ({torch.__version__}) sees no CUDA GPU; "
+                                "leave the device out (or use 'cpu'), or install a CUDA build of torch")
+        if found.index is not None and found.index >= count:
+            raise IntruderError(f"device={device!r} but torch sees {count} CUDA GPU(s), cuda:0 to "
+                                f"cuda:{count - 1}; choose one of those")
+    elif found.type != "cpu":
+        raise IntruderError(f"device={device!r}: the analysis runs in float64 on 'cpu' or 'cuda' only; use one "
+                            "of those")
+    return found
 
 
 def _select(base: Weights, tuned: Weights, layers) -> tuple[list[str], list[str]]:
@@ -125,7 +151,11 @@ def _select(base: Weights, tuned: Weights, layers) -> tuple[list[str], list[str]
             "pass the base model this one was fine-tuned from"
         )
     if isinstance(layers, str):
-        pattern = re.compile(layers)
+        try:
+            pattern = re.compile(layers)
+        except re.error as exc:
+            raise IntruderError(f"layers={layers!r} is not a valid regular expression ({exc}); escape special "
+                                r"characters with a backslash, e.g. 'layers\.0\.' or 'up_proj'") from None
         selected = [n for n in common if pattern.search(n)]
         if not selected:
             raise NoCommonTensorsError(

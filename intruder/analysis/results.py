@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..outputs import atomic_write, write_text
 from .spectra import effective_rank, stable_rank
 
 SIDES = ("left", "right", "both")
@@ -171,23 +172,29 @@ class IntruderReport:
         return pd.DataFrame(self.to_rows())
 
     def to_csv(self, path) -> Path:
+        """One row per matrix (`to_rows`), written beside `path` and renamed in; returns `path`."""
         path = Path(path)
         rows = self.to_rows()
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["name"])
-            writer.writeheader()
-            writer.writerows(rows)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["name"])
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(path, write)
         return path
 
     def to_json(self, path=None) -> str:
-        """Everything, arrays included; `IntruderReport.from_json` reads it back. Returns the text."""
+        """Everything, arrays included; `IntruderReport.from_json` reads it back. Returns the text; with `path`,
+        also writes it there (beside it first, then renamed in)."""
         data = {"format": "intruder-report/1", "threshold": self.threshold, "top_k": self.top_k,
                 "side": self.side, "base": self.base, "tuned": self.tuned, "total": self.total,
                 "unchanged": self.unchanged, "meta": self.meta,
                 "layers": [layer.to_dict() for layer in self.layers]}
         text = json.dumps(data)
         if path is not None:
-            Path(path).write_text(text)
+            write_text(path, text)
         return text
 
     @classmethod

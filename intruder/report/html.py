@@ -26,7 +26,7 @@ from .. import __version__
 from ..analysis.intruders import find_intruders
 from ..analysis.results import IntruderReport, LayerResult
 from ..errors import IntruderError, WeightsNotFoundError
-from ..outputs import versions
+from ..outputs import check_output_dir, versions, write_text
 from ..training.runs import TrainingRun, curves, is_run, load_run
 from ._pages import Code, Gallery, Heading, Image, Notice, Paragraph, Table, render_html, render_markdown
 from .plot import (
@@ -92,11 +92,13 @@ def write_report(inputs, out_dir, *, labels=None, base=None, threshold: float = 
         the base factors are cached, so each more checkpoint costs about one LoRA analysis.
     formats: the files of each figure (PNG always; add "pdf" for a paper).
     Warns, and says so in the report, when inputs analyse different bases or settings and when a run has no
-    metrics.jsonl. Returns the path of report.html.
+    metrics.jsonl. Returns the path of report.html. Every file is written beside its place and renamed in, and
+    an `out_dir` that cannot be written is refused before any input is analysed.
     """
     paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     if not paths:
         raise IntruderError("no input: pass saved report JSON files or training run directories")
+    out = check_output_dir(out_dir)
     options = {"threshold": threshold, "top_k": top_k, "side": side, "layers": layers, "device": device,
                "cache_dir": cache_dir, "progress": progress}
     items = [_load(p, label, base, every_epoch, options) for p, label in zip(paths, _labels(paths, labels))]
@@ -105,13 +107,12 @@ def write_report(inputs, out_dir, *, labels=None, base=None, threshold: float = 
     notices = _compare(items)
     for text in notices + [note for item in items for note in item.notes]:
         warnings.warn(text, stacklevel=2)
-    out = Path(out_dir)
     _write_analyses(items, out / "analysis")
     canvas = _Canvas(out, tuple(dict.fromkeys(("png", *formats))))
     command = _command(paths, out, labels, base, threshold, top_k, side, layers, every_epoch, canvas.formats)
     blocks = _page(items, notices, canvas, command)
-    (out / "report.html").write_text(render_html(title, blocks, out), encoding="utf-8")
-    (out / "report.md").write_text(render_markdown(title, blocks), encoding="utf-8")
+    write_text(out / "report.html", render_html(title, blocks, out))
+    write_text(out / "report.md", render_markdown(title, blocks))
     return out / "report.html"
 
 
@@ -223,7 +224,8 @@ def _base_key(base: str) -> str:
 
 
 def _write_analyses(items: list[_Input], folder: Path) -> None:
-    """folder/<input>.json: the analysis shown; for a run with several checkpoints also <input>-epoch-NN.json."""
+    """folder/<input>.json: the analysis shown; for a run with several checkpoints also <input>-epoch-NN.json
+    (each written beside its place and renamed in by `to_json`)."""
     folder.mkdir(parents=True, exist_ok=True)
     for item in items:
         item.report.to_json(folder / f"{item.slug}.json")

@@ -14,6 +14,7 @@ same whatever it is batched with; only the logits of the positions that are scor
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -23,6 +24,11 @@ from ..errors import IntruderError
 from .data import ANSWER_CUE, LETTERS, MCQ
 
 SCORINGS = ("letter", "mean-loglik")
+_FIRST_OPTION = f"\n{LETTERS[0]}. "  # how MCQ.prompt starts the line of the first option
+
+
+class TruncationWarning(UserWarning):
+    """Prompts longer than `max_length` lost the start of their question or context (`encode_prompts`)."""
 
 
 def letter_token_ids(tokenizer) -> list[int]:
@@ -42,9 +48,30 @@ def letter_token_ids(tokenizer) -> list[int]:
 
 def encode_prompts(tokenizer, prompts: list[str], max_length: int) -> list[list[int]]:
     """Token ids of each prompt; a prompt over `max_length` loses tokens from its start (after BOS), so its
-    end, where the answer goes, always survives."""
-    encoded = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    end, where the answer goes, always survives.
+
+    Warns (TruncationWarning) how many prompts were cut. Raises IntruderError when `max_length` is too small to
+    keep every prompt's end from its options on ("A. ..." to the answer cue), and says the smallest `max_length`
+    that keeps them.
+    """
+    fast = getattr(tokenizer, "is_fast", False)
+    batch = tokenizer(prompts, add_special_tokens=True, return_offsets_mapping=fast)
+    encoded = batch["input_ids"]
     bos = tokenizer.bos_token_id
+    needs = [_tokens_to_keep(tokenizer, prompt, ids, batch["offset_mapping"][i] if fast else None, bos)
+             for i, (prompt, ids) in enumerate(zip(prompts, encoded))]
+    need = max(needs, default=0)
+    if need > max_length:
+        short = sum(n > max_length for n in needs)
+        raise IntruderError(
+            f"max_length={max_length} tokens would cut into the options or the answer cue {ANSWER_CUE!r} of "
+            f"{short} of {len(prompts)} prompts, and the model could no longer see what it answers: use "
+            f"max_length >= {need} (--max-length {need}), the smallest that keeps every prompt's options and cue")
+    cut = [len(ids) for ids in encoded if len(ids) > max_length]
+    if cut:
+        warnings.warn(f"{len(cut)} of {len(prompts)} prompts are longer than max_length={max_length} tokens and "
+                      f"lose the start of their question or context (the longest has {max(cut)} tokens); raise "
+                      f"--max-length to {max(cut)} to keep them whole", TruncationWarning, stacklevel=2)
     out = []
     for ids in encoded:
         if len(ids) > max_length:
@@ -52,6 +79,21 @@ def encode_prompts(tokenizer, prompts: list[str], max_length: int) -> list[list[
             ids = ids[:1] + ids[len(ids) - max_length + 1:] if keep_bos else ids[-max_length:]
         out.append(ids)
     return out
+
+
+def _tokens_to_keep(tokenizer, prompt: str, ids: list[int], offsets, bos) -> int:
+    """How many tokens a truncated `prompt` must keep: its BOS and every token from its options on (the line
+    "A. ..." through the answer cue; from the cue when there are no option lines)."""
+    start = prompt.rfind(_FIRST_OPTION)
+    start = start + 1 if start >= 0 else prompt.rfind(ANSWER_CUE)
+    if start < 0:
+        return 0
+    keep_bos = int(bos is not None and bool(ids) and ids[0] == bos)
+    if offsets is not None:  # fast tokenizer: the first token that covers a character of the tail
+        first = next((i for i, (s, e) in enumerate(offsets) if e > start and e > s), len(ids))
+        return len(ids) - first + keep_bos
+    head = len(tokenizer(prompt[:start], add_special_tokens=True)["input_ids"])  # without offsets: estimate
+    return min(len(ids), len(ids) - head + 1 + keep_bos)
 
 
 def left_padded(sequences: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:

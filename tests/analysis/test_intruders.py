@@ -1,5 +1,7 @@
 """find_intruders against planted ground truth and the brute-force reference (two float64 SVDs)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -128,6 +130,30 @@ def test_bad_options_are_refused():
     for kw in [{"side": "up"}, {"threshold": 0.0}, {"threshold": 1.5}, {"top_k": 0}]:
         with pytest.raises(IntruderError, match=list(kw)[0]):
             find_intruders(w, w, progress=False, **kw)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"threshold": "abc"}, "threshold='abc' is a str: give a number in (0, 1]"),
+    ({"threshold": True}, "threshold=True is a bool"),
+    ({"threshold": float("nan")}, "threshold=nan: a cosine threshold must lie in (0, 1]"),
+    ({"top_k": True}, "top_k=True"),
+    ({"top_k": 2.5}, "top_k=2.5"),
+    ({"layers": "("}, "layers='(' is not a valid regular expression"),
+    ({"device": "foo"}, "device='foo' is not a torch device"),
+    ({"device": "meta"}, "on 'cpu' or 'cuda' only"),
+])
+def test_options_of_the_wrong_kind_are_refused_with_what_to_do(kw, message):
+    w = torch.randn(8, 8)
+    with pytest.raises(IntruderError, match=re.escape(message)):
+        find_intruders({"w": w}, {"w": w + 1}, progress=False, cache_dir=False, **kw)
+
+
+def test_cuda_on_a_cpu_only_torch_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    w = torch.randn(8, 8)
+    for device in ("cuda", "cuda:1", torch.device("cuda")):
+        with pytest.raises(IntruderError, match="sees no CUDA GPU; leave the device out"):
+            find_intruders({"w": w}, {"w": w + 1}, progress=False, cache_dir=False, device=device)
 
 
 def test_effective_rank_known_values():

@@ -7,6 +7,7 @@ matplotlib.use("Agg")
 
 import base64  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -247,7 +248,7 @@ def test_report_on_a_run_of_the_real_trainer(tiny_lm, tmp_path):
     corpus.write_text("\n\n".join(load_general_text()[:4]), encoding="utf-8")
     run = tmp_path / "lora-run"
     summary = train(TrainConfig(out=str(run), model=str(tiny_lm), data=str(data), general_text=str(corpus),
-                                epochs=2, batch_size=8, lr=5e-3, rank=4, alpha=8, context=False, max_length=96),
+                                epochs=2, batch_size=8, lr=5e-3, rank=4, alpha=8, context=False, max_length=192),
                     progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a complete run: nothing to warn about
@@ -297,3 +298,33 @@ def test_a_run_that_stopped_early_says_how_to_resume(base, tmp_path):
     assert notice in (tmp_path / "out" / "report.md").read_text()
     assert f"run stopped after epoch 1 of 3; resume it with <code>intruder train --out {stopped} --resume</code>" in (
         page.read_text())
+
+
+def test_report_files_are_renamed_in_never_written_in_place(saved, tmp_path):
+    out = tmp_path / "out"
+    files = [out / "report.html", out / "report.md", out / "analysis" / "r8.json"]
+    for number, path in enumerate(files):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("an earlier report")
+        os.link(path, tmp_path / f"before-{number}")  # a second name for the old file
+    write_report([saved], out, labels=["r8"], formats=("png",))
+    for number, path in enumerate(files):
+        assert (tmp_path / f"before-{number}").read_text() == "an earlier report"  # the old file was left whole
+        assert path.read_text() != "an earlier report"
+    assert not [p for p in out.rglob(".*")]  # no temporary file left behind
+    assert IntruderReport.from_json(out / "analysis" / "r8.json").total > 0
+
+
+def test_cli_report_refuses_an_out_it_cannot_write_before_analysing(run, tmp_path, monkeypatch, capsys):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the runs were analysed although --out cannot be written")
+
+    monkeypatch.setattr("intruder.report.html.find_intruders", must_not_run)
+    (tmp_path / "notes").write_text("mine")
+    for out in (tmp_path / "notes", tmp_path / "notes" / "report"):
+        assert main(["report", str(run), "--out", str(out), "--quiet"]) == 2
+        assert "notes is a file, not a directory" in capsys.readouterr().err
+    monkeypatch.setattr("intruder.outputs.os.access", lambda *args, **kwargs: False)  # as a folder of another user
+    assert main(["report", str(run), "--out", str(tmp_path / "new"), "--quiet"]) == 2
+    assert "no permission to write in" in capsys.readouterr().err
+    assert (tmp_path / "notes").read_text() == "mine" and not (tmp_path / "new").exists()

@@ -1,13 +1,14 @@
 import copy
 import math
+import re
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from intruder import IntruderError
-from intruder.training.data import LETTERS, load_general_text, load_mcq
-from intruder.training.evaluate import encode_prompts, letter_token_ids, mcq_accuracy, text_loss
+from intruder.training.data import ANSWER_CUE, LETTERS, load_general_text, load_mcq
+from intruder.training.evaluate import TruncationWarning, encode_prompts, letter_token_ids, mcq_accuracy, text_loss
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +78,30 @@ def test_long_prompts_keep_their_end(lm):
     _, tokenizer = lm
     q = load_mcq("sample")[0]
     full = encode_prompts(tokenizer, [q.prompt(context=True)], 10_000)[0]
-    cut = encode_prompts(tokenizer, [q.prompt(context=True)], 20)[0]
-    assert len(cut) == 20 and cut[-19:] == full[-19:] and cut[0] == full[0] == tokenizer.bos_token_id
+    n = len(full) - 5  # the context loses its start
+    with pytest.warns(TruncationWarning, match=f"1 of 1 prompts are longer than max_length={n} tokens"):
+        cut = encode_prompts(tokenizer, [q.prompt(context=True)], n)[0]
+    assert len(cut) == n and cut[1:] == full[-(n - 1):] and cut[0] == full[0] == tokenizer.bos_token_id
+
+
+def test_truncation_never_cuts_the_options_or_the_answer_cue(lm):
+    _, tokenizer = lm
+    questions = load_mcq("sample")[:8]
+    prompts = [q.prompt(context=True) for q in questions]
+    with pytest.raises(IntruderError, match=r"max_length=1 tokens would cut into the options or the answer cue "
+                                            r"'Đáp án:' of 8 of 8 prompts") as refused:
+        encode_prompts(tokenizer, prompts, 1)
+    need = int(re.search(r"use max_length >= (\d+) \(--max-length \1\)", str(refused.value)).group(1))
+    tails = [len(tokenizer(p[p.rindex("\nA. ") + 1:], add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert max(tails) < need <= max(tails) + 3  # BOS, and a token or two across the line break
+    with pytest.warns(TruncationWarning, match=r"\d+ of 8 prompts are longer"):
+        kept = encode_prompts(tokenizer, prompts, need)
+    for ids, q in zip(kept, questions):  # the smallest max_length that works keeps every option and the cue
+        text = tokenizer.decode(ids[1:], clean_up_tokenization_spaces=False)
+        assert all(f"{letter}. {option}" in text for letter, option in zip(LETTERS, q.options))
+        assert text.endswith(ANSWER_CUE)
+    with pytest.raises(IntruderError, match=f"use max_length >= {need} "):
+        encode_prompts(tokenizer, prompts, need - 1)
 
 
 def test_bad_evaluation_input(lm):

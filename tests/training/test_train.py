@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ TIMING = ("tokens_per_s", "elapsed_s")
 
 def _config(tiny_lm, out, **overrides):
     options = dict(out=str(out), model=str(tiny_lm), epochs=2, batch_size=8, lr=5e-3, rank=4, alpha=8,
-                   context=False, max_length=128)
+                   context=False, max_length=192)  # the tiny tokenizer needs 188 for the longest options
     return TrainConfig(**(options | overrides))
 
 
@@ -178,3 +179,142 @@ def test_gradient_accumulation_matches_one_large_batch(tiny_lm, tmp_path):
         torch.testing.assert_close(accum.get(name), large.get(name), rtol=1e-4, atol=1e-6)
     steps = [[r["step"] for r in _records(tmp_path / run, "train")] for run in ("large", "accum")]
     assert steps[0] == steps[1]  # one optimizer step per 8 questions either way
+
+
+def _snapshot(folder):
+    """{relative path: bytes} of every file under `folder`."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _fail(*args, **kwargs):
+    raise RuntimeError("out of memory")
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_overwrite_checks_data_model_and_settings_before_touching_the_run(tiny_lm, tmp_path):
+    out = tmp_path / "run"
+    train(_config(tiny_lm, out, epochs=1), progress=False)
+    before = _snapshot(out)
+    with pytest.raises(WeightsNotFoundError, match="no such file"):
+        train(_config(tiny_lm, out, data=str(tmp_path / "typo.jsonl")), overwrite=True, progress=False)
+    with pytest.raises(WeightsNotFoundError, match="no such directory"):
+        train(_config(tmp_path / "no-model", out), overwrite=True, progress=False)
+    with pytest.raises(IntruderError, match="max_length=1 tokens would cut into the options"):
+        train(_config(tiny_lm, out, max_length=1), overwrite=True, progress=False)
+    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_run_that_fails_before_its_first_epoch_leaves_out_as_it_was(tiny_lm, tmp_path, monkeypatch):
+    import intruder.training.trainer as trainer
+
+    out = tmp_path / "run"
+    train(_config(tiny_lm, out, epochs=1), progress=False)
+    before = _snapshot(out)
+    monkeypatch.setattr(trainer, "_optimizer_step", _fail)
+    with pytest.raises(RuntimeError, match="out of memory"):  # the replaced run comes back
+        train(_config(tiny_lm, out, epochs=1, rank=2), overwrite=True, progress=False)
+    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    monkeypatch.setattr(trainer, "_optimizer_step", _interrupt)
+    with pytest.raises(KeyboardInterrupt):  # no empty folders left where there were none
+        train(_config(tiny_lm, tmp_path / "new" / "deeper" / "run", epochs=1), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    (tmp_path / "empty").mkdir()  # the user's empty folder stays, empty
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tiny_lm, tmp_path / "empty", epochs=1), progress=False)
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_cli_train_refuses_a_bad_out_or_device_before_loading_anything(tiny_lm, tmp_path, monkeypatch, capsys):
+    import intruder.training.trainer as trainer
+
+    monkeypatch.setattr(trainer, "load_model", _fail)  # every refusal comes before the model is loaded
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only torch
+    (tmp_path / "notes").write_text("mine")
+    command = ["train", "--model", str(tiny_lm), "--epochs", "1", "--quiet"]
+    for extra, message in [
+        (["--out", str(tmp_path / "notes")], "notes is a file, not a directory"),
+        (["--out", str(tmp_path / "notes" / "run")], "notes is a file, not a directory"),
+        (["--out", str(tmp_path / "run"), "--device", "foo"], "device='foo' is not a torch device"),
+        (["--out", str(tmp_path / "run"), "--device", "cuda"], "device='cuda' but this torch"),
+    ]:
+        assert main(command + extra) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.setattr("intruder.outputs.os.access", lambda *args, **kwargs: False)  # as a folder of another user
+    assert main(command + ["--out", str(tmp_path / "run")]) == 2
+    assert "no permission to write in" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
+def test_resume_of_a_run_without_its_config_is_a_clear_error(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "state.pt").write_bytes(b"state")
+    assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'config.json'} does not exist" in err and "--overwrite" in err
+    (run / "config.json").write_text("{broken")
+    assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 2
+    assert f"{run / 'config.json'} cannot be read" in capsys.readouterr().err
+
+
+def test_resume_finds_the_run_by_its_folder_however_out_is_written(tiny_lm, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--model", str(tiny_lm), "--out", "run", "--epochs", "1", "--rank", "2", "--no-context",
+                 "--targets", "q_proj", "--forget-texts", "4", "--quiet"]) == 0
+    for out in ("./run", "run/", str(tmp_path / "run")):
+        assert main(["train", "--out", out, "--resume", "--quiet"]) == 0, capsys.readouterr().err
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["train", "--out", "../run", "--resume", "--quiet"]) == 0, capsys.readouterr().err
+    (tmp_path / "run").rename(tmp_path / "moved")  # a moved run: the folder given holds it
+    assert main(["train", "--out", "../moved", "--resume", "--quiet"]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "moved" / "config.json").read_text())["out"] == "../moved"
+    assert main(["train", "--out", "../moved", "--resume", "--rank", "4"]) == 2  # other settings still differ
+    assert "rank differ" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_train_says_what_was_kept_and_how_to_resume(tiny_lm, tmp_path, monkeypatch, capsys):
+    import intruder.training.trainer as trainer
+
+    real_checkpoint = trainer._checkpoint
+
+    def interrupted(model, config, out, epoch, model_path):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_checkpoint(model, config, out, epoch, model_path)
+
+    out = tmp_path / "run"
+    command = ["train", "--model", str(tiny_lm), "--epochs", "2", "--rank", "2", "--no-context", "--targets",
+               "q_proj", "--forget-texts", "4", "--quiet", "--out"]
+    monkeypatch.setattr(trainer, "_checkpoint", interrupted)
+    assert main(command + [str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted. Kept: epoch-01 of 2 epochs in" in err and "Traceback" not in err
+    assert f"To continue, run:\n  intruder train --out {out} --resume" in err
+    monkeypatch.setattr(trainer, "_checkpoint", real_checkpoint)
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0  # the command it printed
+    assert (out / "epoch-02").is_dir()
+    monkeypatch.setattr(trainer, "_optimizer_step", _interrupt)  # Ctrl-C before the first epoch ends
+    assert main(command + [str(tmp_path / "second")]) == 130
+    err = capsys.readouterr().err
+    assert "Kept: nothing new: no epoch had finished" in err and "run the same command again" in err
+    assert not (tmp_path / "second").exists()
+    assert main(command + [str(out), "--overwrite"]) == 130  # the run it would replace comes back
+    err = capsys.readouterr().err
+    assert "no epoch had finished" in err and "--resume" not in err and (out / "epoch-02").is_dir()
+
+
+def test_a_max_length_that_cuts_the_options_is_refused_and_truncation_is_said(tiny_lm, tmp_path):
+    with pytest.raises(IntruderError, match=r"max_length=1 tokens would cut into the options or the answer cue "
+                                            r"'Đáp án:' of \d+ of \d+ prompts") as refused:
+        train(_config(tiny_lm, tmp_path / "run", max_length=1), progress=False)
+    assert not (tmp_path / "run").exists()
+    need = int(re.search(r"max_length >= (\d+) \(--max-length \1\)", str(refused.value)).group(1))
+    with pytest.warns(UserWarning, match=rf"\d+ of \d+ prompts are longer than max_length={need} tokens"):
+        summary = train(_config(tiny_lm, tmp_path / "run", max_length=need, epochs=1), progress=False)
+    assert summary["checkpoints"] == ["epoch-01"]
+    with pytest.raises(IntruderError, match=rf"use max_length >= {need} "):
+        train(_config(tiny_lm, tmp_path / "short", max_length=need - 1), progress=False)
