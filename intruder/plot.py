@@ -15,6 +15,18 @@ from .report.plot import (
     plot_training,
     save_figure,
 )
+from .report.sweep_plots import (
+    plot_epsilon_curves,
+    plot_erank_vs_rank,
+    plot_intruders_vs_epoch,
+    plot_intruders_vs_rank,
+    plot_lambda,
+    plot_learning_curves,
+    plot_learning_vs_forgetting,
+)
 
 __all__ = ["plot_spectrum", "plot_similarity", "plot_intruder_map", "plot_intruders_per_layer",
-           "plot_threshold_sweep", "plot_effective_rank", "plot_training", "plot_intruders_by_epoch", "save_figure"]
+           "plot_threshold_sweep", "plot_effective_rank", "plot_training", "plot_intruders_by_epoch", "save_figure",
+           # a sweep's rows (DIR/sweep.jsonl)
+           "plot_intruders_vs_rank", "plot_intruders_vs_epoch", "plot_epsilon_curves", "plot_erank_vs_rank",
+           "plot_learning_curves", "plot_learning_vs_forgetting", "plot_lambda"]

@@ -88,8 +88,12 @@ def findings(rows: list[dict]) -> list[str]:
         learned = [f"{r['run']} {100 * base['accuracy']:.1f} → {100 * r['accuracy']:.1f} % "
                    f"(forgetting {r['forgetting']:+.3f} nats)" for r in last if r["forgetting"] is not None]
         if learned:
+            n = base.get("n_questions")
+            p = base["accuracy"]
+            noise = (f" With {n} held-out questions one standard error of an accuracy near {100 * p:.0f} % is "
+                     f"{100 * (p * (1 - p) / n) ** 0.5:.1f} points: smaller changes are noise." if n else "")
             out.append(f"Learning and forgetting (held-out accuracy, rise of the general-text loss from "
-                       f"{base['forget_loss']:.3f}): {'; '.join(learned)}.")
+                       f"{base['forget_loss']:.3f}): {'; '.join(learned)}.{noise}")
     out += _lambda_findings(rows)
     return out or ["No run has finished an epoch yet."]
 
@@ -105,11 +109,12 @@ def _lambda_findings(rows: list[dict]) -> list[str]:
         tuned, low = group[0], group[-1]
         if tuned["lam"] == low["lam"]:
             continue
+        eps = low.get("lam_threshold")
         if low.get("directions", 0) == 0:
-            out.append(f"{name}: no direction was flagged at the sweep's ε, so scaling by λ = {low['lam']:g} "
+            out.append(f"{name}: no direction was flagged at ε = {eps:g}, so scaling by λ = {low['lam']:g} "
                        "changed nothing.")
             continue
-        out.append(f"{name}: scaling its {low['directions']} intruder directions from λ = {tuned['lam']:g} to "
+        out.append(f"{name}: scaling its {low['directions']} directions below ε = {eps:g} from λ = {tuned['lam']:g} to "
                    f"{low['lam']:g} moved the general-text loss {low['forget_loss'] - tuned['forget_loss']:+.3f} "
                    f"nats and accuracy {100 * (low['accuracy'] - tuned['accuracy']):+.1f} points "
                    f"({'recovers' if low['forget_loss'] < tuned['forget_loss'] else 'does not recover'} forgetting).")

@@ -12,6 +12,7 @@ from collections import defaultdict
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 _COLORS = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 _FULL = "#555555"
@@ -35,6 +36,7 @@ def plot_intruders_vs_rank(rows: list[dict], *, ax: Axes | None = None) -> Axes:
             a.axhline(r[key], color=_FULL, ls="--" if i == 0 else ":", label=f"full FT, lr {r['lr']:g}")
         _rank_axis(a, lora)
     threshold = (lora or full)[0]["threshold"]
+    _count_axis(axes[0], [r["intruders"] for r in lora + full])
     axes[0].set_ylabel(f"intruders at ε = {threshold:g} (all matrices)")
     axes[1].set_ylabel("smallest max |cos| over all matrices")
     axes[1].axhline(threshold, color="#bbbbbb", lw=0.8)
@@ -56,8 +58,10 @@ def plot_intruders_vs_epoch(rows: list[dict], *, ax: Axes | None = None) -> Axes
     axes[1].set_ylabel("smallest max |cos|")
     for a in axes:
         a.set_xlabel("epoch")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _count_axis(axes[0], [r["intruders"] for group in runs.values() for r in group])
     axes[0].legend(fontsize=7)
-    axes[0].set_title("Intruders against epoch", fontsize=10)
+    axes[0].set_title("Intruders against epoch (overlapping lines share a count)", fontsize=10)
     return axes[0]
 
 
@@ -97,6 +101,7 @@ def plot_learning_curves(rows: list[dict], *, ax: Axes | None = None) -> Axes:
     axes[1].set_ylabel("general-text loss (nats)")
     for a in axes:
         a.set_xlabel("epoch")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].axhline(25, color="#bbbbbb", lw=0.8)
     axes[0].legend(fontsize=7)
     axes[0].set_title("Learning and forgetting against epoch", fontsize=10)
@@ -168,6 +173,12 @@ def plot_epsilon_curves(rows: list[dict], *, ax: Axes | None = None) -> Axes:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
+
+
+def _count_axis(ax: Axes, counts: list[int]) -> None:
+    """Whole-number ticks from zero: all-zero counts show as a line at 0, not at ±0.04 ticks."""
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(-0.5, max(counts, default=0) * 1.08 + 1)
 
 
 def _rank_axis(ax: Axes, lora: list[dict]) -> None:

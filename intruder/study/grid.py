@@ -81,6 +81,7 @@ class Grid:
     lams: tuple[float, ...] = (1.0, 0.5, 0.0)
     threshold: float = 0.5
     top_k: int = 10
+    lam_threshold: float | None = None  # ε of the directions λ scales; None: `threshold`
     train: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -89,6 +90,8 @@ class Grid:
         object.__setattr__(self, "train", json.loads(json.dumps(self.train)))  # as saved: lists, not tuples
         if not 0 < self.threshold <= 1 or not isinstance(self.top_k, int) or self.top_k < 1:
             raise IntruderError(f"threshold={self.threshold}, top_k={self.top_k}: need 0 < ε <= 1 and k >= 1")
+        if self.lam_threshold is not None and not 0 < self.lam_threshold <= 1:
+            raise IntruderError(f"lam_threshold={self.lam_threshold}: need 0 < ε <= 1")
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise IntruderError(f"methods={','.join(self.methods)}: choose from {', '.join(METHODS)}")
@@ -125,6 +128,10 @@ class Grid:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def mitigation_threshold(self) -> float:
+        return self.threshold if self.lam_threshold is None else self.lam_threshold
+
     @classmethod
     def from_dict(cls, values: dict) -> Grid:
         return cls(**values)
@@ -140,13 +147,15 @@ class Grid:
 
     def extended(self, other: Grid) -> Grid:
         """This grid with `other`'s values added to every axis; refused when shared settings differ."""
-        fixed = [d for d in self.differences(other) if d.split()[0] in ("epochs", "train", "threshold", "top_k")]
+        fixed = [d for d in self.differences(other) if d.split()[0] in ("epochs", "train", "threshold", "top_k",
+                                                                    "lam_threshold")]
         if fixed:
             raise IntruderError(f"--extend adds grid values but cannot change {'; '.join(fixed)}: runs already "
                                 "in the sweep were trained with the old value; use a new --out")
         merged = {key: tuple(dict.fromkeys(getattr(self, key) + getattr(other, key)))
                   for key in ("methods", "ranks", "alphas", "lrs", "full_lrs", "lams")}
-        return Grid(**merged, epochs=self.epochs, threshold=self.threshold, top_k=self.top_k, train=self.train)
+        return Grid(**merged, epochs=self.epochs, threshold=self.threshold, top_k=self.top_k,
+                    lam_threshold=self.lam_threshold, train=self.train)
 
 
 def parse_alpha_rules(text: str) -> tuple[str, ...]:

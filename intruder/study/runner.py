@@ -131,8 +131,9 @@ def _analyse(out: Path, spec: RunSpec, config: TrainConfig, grid: Grid, cache_di
 
 
 def _mitigate(out: Path, spec: RunSpec, config: TrainConfig, grid: Grid, cache_dir) -> None:
-    """Accuracy and forgetting of the last epoch with its intruders scaled by each λ (one model, reloaded
-    weights per λ); λ = 1 is the tuned model itself, whose evaluation the run already logged."""
+    """Accuracy and forgetting of the last epoch with its flagged directions scaled by each λ (one model, its
+    weights replaced per λ). Where W' = W_t (λ = 1, or no direction flagged) the run's own last evaluation
+    is the answer, and is recorded as such."""
     path = out / "mitigation" / f"{spec.name}.json"
     done = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     todo = [lam for lam in grid.lams if _key(lam) not in done]
@@ -140,39 +141,48 @@ def _mitigate(out: Path, spec: RunSpec, config: TrainConfig, grid: Grid, cache_d
         return
     run = Path(config.out)
     last = _evals(run)[grid.epochs]
+    tuned = {"accuracy": last["accuracy"], "forget_loss": last["forget_loss"], "directions": 0, "matrices": 0}
     model = tokenizer = None
     for lam in todo:
-        if lam == 1:
-            done[_key(lam)] = {"accuracy": last["accuracy"], "forget_loss": last["forget_loss"],
-                               "directions": 0, "matrices": 0, "from": "the run's last evaluation"}
+        scaled = iter(_scaled(run, config.epochs, lam, grid, cache_dir)) if lam != 1 else iter(())
+        first = next(scaled, None)
+        if first is None:
+            done[_key(lam)] = tuned | {"from": "the run's last evaluation (W' = W_t: nothing to scale)"}
         else:
             if model is None:
                 from ..training.modeling import load_model
 
                 model, tokenizer, _ = load_model(_model_path(run), device=resolve_device(config.device))
-            scaled = _load_scaled(model, run, config.epochs, lam, grid, cache_dir)
+            counts = _load_scaled(model, run, config.epochs, first, scaled)
             result = evaluate_model(model, tokenizer, config)
-            done[_key(lam)] = {"accuracy": result["accuracy"], "forget_loss": result["forget_loss"], **scaled}
+            done[_key(lam)] = {"accuracy": result["accuracy"], "forget_loss": result["forget_loss"], **counts}
         write_text(path, json.dumps(done, indent=1) + "\n")
 
 
-def _load_scaled(model, run: Path, epoch: int, lam: float, grid: Grid, cache_dir) -> dict:
-    """Put W_t (every adapted matrix, merged) into `model`, with the flagged directions scaled by λ."""
+def _scaled(run: Path, epoch: int, lam: float, grid: Grid, cache_dir):
+    """(name, W', flagged) for every matrix of the epoch's checkpoint with a flagged direction."""
+    from ..analysis.mitigation import scaled_matrices
+
+    return scaled_matrices(_model_path(run), run / f"epoch-{epoch:02d}", lam=lam,
+                           threshold=grid.mitigation_threshold, top_k=grid.top_k, side="left", layers=None,
+                           cache_dir=cache_dir, progress=False)
+
+
+def _load_scaled(model, run: Path, epoch: int, first: tuple, rest) -> dict:
+    """Put W_t (every adapted matrix, merged) into `model`, then W' over the matrices with flagged directions."""
+    import itertools
+
     import torch
 
-    from ..analysis.mitigation import scaled_matrices
     from ..weights import open_weights
 
-    checkpoint, model_path = run / f"epoch-{epoch:02d}", _model_path(run)
     params = dict(model.named_parameters())
-    with open_weights(checkpoint, base=model_path) as tuned, torch.no_grad():
+    with open_weights(run / f"epoch-{epoch:02d}", base=_model_path(run)) as tuned, torch.no_grad():
         for name in tuned.changed_keys():
             params[name].copy_(tuned.get(name))
     directions = matrices = 0
     with torch.no_grad():
-        for name, w, flagged in scaled_matrices(model_path, checkpoint, lam=lam, threshold=grid.threshold,
-                                                top_k=grid.top_k, side="left", layers=None, cache_dir=cache_dir,
-                                                progress=False):
+        for name, w, flagged in itertools.chain([first], rest):
             params[name].copy_(w)
             directions, matrices = directions + flagged, matrices + 1
     return {"directions": directions, "matrices": matrices}
@@ -191,12 +201,12 @@ def collect(out) -> list[dict]:
     for spec in grid.runs():
         run = out / "runs" / spec.name
         if (run / "config.json").is_file():
-            rows += _run_rows(out, spec, run, base)
+            rows += _run_rows(out, grid, spec, run, base)
     write_text(out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
-def _run_rows(out: Path, spec: RunSpec, run: Path, base: dict | None) -> list[dict]:
+def _run_rows(out: Path, grid: Grid, spec: RunSpec, run: Path, base: dict | None) -> list[dict]:
     config = json.loads((run / "config.json").read_text(encoding="utf-8"))
     summary_path = run / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
@@ -208,6 +218,7 @@ def _run_rows(out: Path, spec: RunSpec, run: Path, base: dict | None) -> list[di
     rows = []
     if base:
         rows.append(common | {"kind": "epoch", "epoch": 0, "accuracy": base["accuracy"], "forget_loss": before,
+                              "n_questions": base.get("n_questions"),
                               "forgetting": 0.0, "intruders": 0, "seconds": 0.0} | _no_analysis())
     for epoch, record in sorted(evals.items()):
         if epoch == 0:
@@ -216,12 +227,14 @@ def _run_rows(out: Path, spec: RunSpec, run: Path, base: dict | None) -> list[di
         stats = _analysis_stats(IntruderReport.from_json(analysis)) if analysis.is_file() else _no_analysis()
         rows.append(common | {"kind": "epoch", "epoch": epoch, "step": record["step"],
                               "accuracy": record["accuracy"], "forget_loss": record["forget_loss"],
+                              "n_questions": record.get("n_questions"),
                               "forgetting": None if before is None else record["forget_loss"] - before,
                               "seconds": seconds.get(epoch)} | stats)
     mitigation = out / "mitigation" / f"{spec.name}.json"
     if mitigation.is_file():
         for lam, result in json.loads(mitigation.read_text(encoding="utf-8")).items():
-            rows.append(common | {"kind": "lambda", "epoch": config["epochs"], "lam": float(lam)} | result
+            rows.append(common | {"kind": "lambda", "epoch": config["epochs"], "lam": float(lam),
+                                  "lam_threshold": grid.mitigation_threshold} | result
                         | {"forgetting": None if before is None else result["forget_loss"] - before})
     return rows
 

@@ -4,11 +4,13 @@ import pytest
 
 from intruder import IntruderError
 from intruder.cli import main
+from intruder.report.sweep_page import write_sweep_report
 from intruder.study import Grid, RunSpec, collect, sweep
 from intruder.study import runner as sweep_module
 from intruder.study.grid import parse_alpha_rules
+from intruder.study.runner import load_grid
 
-TRAIN = {"context": False, "max_length": 128, "batch_size": 8}
+TRAIN = {"context": False, "max_length": 192, "batch_size": 8}
 
 
 def _grid(tiny_lm, **overrides):
@@ -110,7 +112,7 @@ def test_an_interrupted_sweep_continues_where_it_stopped(tiny_lm, tmp_path, monk
 
 def test_shards_share_a_directory_and_report_only_merges_them(tiny_lm, tmp_path, capsys):
     common = ["sweep", "--out", str(tmp_path), "--model", str(tiny_lm), "--methods", "lora", "--ranks", "1,2",
-              "--lrs", "5e-3", "--epochs", "1", "--lams", "1", "--no-context", "--max-length", "128", "--quiet"]
+              "--lrs", "5e-3", "--epochs", "1", "--lams", "1", "--no-context", "--max-length", "192", "--quiet"]
     assert main(common + ["--shard", "1/2"]) == 0
     assert _last_runs(collect(tmp_path)) == ["lora-r1-a2r-lr5e-3"]
     assert main(common + ["--shard", "2/2"]) == 0
@@ -125,3 +127,31 @@ def test_shards_share_a_directory_and_report_only_merges_them(tiny_lm, tmp_path,
 
 def _last_runs(rows):
     return sorted(r["run"] for r in rows if r["kind"] == "epoch" and r["epoch"] == 1)
+
+
+def test_lambda_rows_and_every_figure(tiny_lm, tmp_path):
+    grid = _grid(tiny_lm, ranks=(2,), full_lrs=(1e-3,), epochs=1, lams=(1.0, 0.0))
+    rows = sweep(tmp_path, grid, progress=False)
+    lams = {r["lam"]: r for r in rows if r["kind"] == "lambda"}
+    last = next(r for r in rows if r["kind"] == "epoch" and r["run"] == "lora-r2-a2r-lr5e-3" and r["epoch"] == 1)
+    assert set(lams) == {0.0, 1.0} and lams[1.0]["accuracy"] == last["accuracy"]  # λ = 1: the tuned model
+    assert lams[0.0]["directions"] == last["intruders"] > 0  # every flagged direction, none other
+    assert lams[0.0]["forget_loss"] != last["forget_loss"]
+    page = write_sweep_report(rows, load_grid(tmp_path).to_dict(), tmp_path, command="intruder sweep ...")
+    figures = {p.stem for p in (tmp_path / "figures").glob("*.png")}
+    assert figures == {"intruders-vs-rank", "intruders-vs-epoch", "epsilon-curves", "erank-vs-rank",
+                       "learning-curves", "learning-vs-forgetting", "lambda"}
+    text = page.with_name("report.md").read_text()
+    assert "scaling its" in text and "directions below ε = 0.5 from λ = 1 to 0" in text
+    assert f"{last['intruders']}" in text and "lora-r2-a2r-lr5e-3" in text
+
+
+def test_demo_runs_its_grid_and_prints_findings(tiny_lm, tmp_path, monkeypatch, capsys):
+    from intruder.study import demo
+
+    small = _grid(tiny_lm, methods=("lora",), ranks=(1,), epochs=1, lams=(1.0, 0.5))
+    monkeypatch.setattr(demo, "DEMO_GRID", small)
+    assert main(["demo", "--out", str(tmp_path / "d"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "Findings of this run:" in printed and "Intruders at ε = 0.5" in printed
+    assert "took" in printed and (tmp_path / "d" / "report.html").is_file()
