@@ -314,7 +314,7 @@ def _sweep(args) -> int:
     if args.report_only:
         rows = collect(args.out)
     else:
-        shared = {k.replace("-", "_"): v for k, v in vars(args).items() if k in _TRAIN_FIELDS and v is not None}
+        shared = {k: v for k, v in vars(args).items() if k in _shared_training_fields() and v is not None}
         if "targets" in shared:
             shared["targets"] = list(shared["targets"])
         grid = Grid(methods=_split(args.methods, str), ranks=_split(args.ranks, int),
@@ -354,10 +354,15 @@ def _demo(args) -> int:
     return 0
 
 
-_TRAIN_FIELDS = ("model", "data", "dropout", "targets", "train_embeddings", "batch_size", "grad_accum",
-                 "weight_decay", "warmup", "schedule", "max_grad_norm", "loss", "context", "max_length",
-                 "test_fraction", "seed", "scoring", "general_text", "forget_texts", "eval_every",
-                 "eval_batch_size", "bucket", "device")
+
+def _shared_training_fields() -> set[str]:
+    """The TrainConfig options a sweep applies to every run: all but those its grid sets."""
+    from dataclasses import fields
+
+    from .study.grid import GRID_FIELDS
+    from .training.config import TrainConfig
+
+    return {f.name for f in fields(TrainConfig)} - GRID_FIELDS
 
 
 def _split(text: str, kind) -> tuple:

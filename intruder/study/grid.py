@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from ..errors import IntruderError
 
 METHODS = ("lora", "full")
+GRID_FIELDS = {"method", "rank", "alpha", "rslora", "lr", "epochs", "out"}  # TrainConfig fields a grid sets
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class Grid:
         if any(not (math.isfinite(lam) and lam >= 0) for lam in self.lams):
             raise IntruderError(f"lams={self.lams}: finite numbers >= 0 (1 keeps the tuned model, 0 removes the "
                                 "intruder directions)")
-        clash = {"method", "rank", "alpha", "rslora", "lr", "epochs", "out"} & set(self.train)
+        clash = GRID_FIELDS & set(self.train)
         if clash:
             raise IntruderError(f"training option(s) {', '.join(sorted(clash))} are set by the grid, not per run")
 

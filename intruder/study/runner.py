@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -292,8 +291,3 @@ def _bar(runs: list[RunSpec], enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(runs, desc="sweep", unit="run", position=1, leave=True)
-
-
-def elapsed(start: float) -> str:
-    seconds = time.perf_counter() - start
-    return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
