@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import intruder.analysis.intruders as intruders
+import intruder.analysis.projection as projection
 import intruder.analysis.spectra as spectra
 from intruder import find_intruders
 from intruder.analysis.spectra import FactorCache, base_factors, low_rank_singular_values, tensor_digest
@@ -43,7 +43,7 @@ def counting(monkeypatch):
         return real(w)
 
     monkeypatch.setattr(spectra, "base_factors", counted)
-    monkeypatch.setattr(intruders, "base_factors", counted)
+    monkeypatch.setattr(projection, "base_factors", counted)
     return calls
 
 

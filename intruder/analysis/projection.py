@@ -1,0 +1,207 @@
+"""One changed matrix at a time: read W_0 and W_t (or ΔW's factors), take the base factors (cached), find the
+top-k tuned triplets in the base's singular bases, and turn them into a LayerResult.
+
+See `intruders.py` for the method. The eigen-solvers live in `eigen.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import NonFiniteError, ShapeMismatchError
+from ..weights import LowRankUpdate, Weights
+from ._runtime import Workspace, cpu_threads, torch_threads, trim_heap
+from .eigen import top_eigenpairs, top_eigenpairs_gram
+from .results import LayerResult
+from .spectra import BaseFactors, FactorCache, base_factors, low_rank_singular_values, singular_values
+
+SIMILARITY_WIDTH = 128  # base vectors kept in LayerResult.similarity (the paper's Figure 1)
+_NULL_TOL = 1e-7  # base singular values below this fraction of the largest span the null space
+
+
+@dataclass
+class Projection:
+    """Top-k tuned singular triplets written in the base's singular bases (small side / large side).
+
+    sigma: (k,) tuned singular values. small: (k, p) coordinates of the tuned small-side vectors on the
+    complete base basis X. large: (k, p) coordinates of the tuned large-side vectors on the base's
+    large-side vectors W_0ᵀ x_i / s_i (0 where s_i is numerically zero).
+    """
+
+    sigma: torch.Tensor
+    small: torch.Tensor
+    large: torch.Tensor
+
+
+@dataclass
+class Matrix:
+    """One changed matrix, float64 on the device: W_0 (m, n), its base factors, and W_t either as the update
+    ΔW = L R (`update`, when the source knows its factors) or dense (`wt`)."""
+
+    w0: torch.Tensor
+    factors: BaseFactors
+    update: LowRankUpdate | None = None
+    wt: torch.Tensor | None = None
+
+
+def analyse_all(names: list[str], base: Weights, tuned: Weights, k: int, threshold: float, side: str,
+                device: torch.device, cache: FactorCache | None, done=None) -> tuple[list[LayerResult], list[str]]:
+    """Analyse `names` in order -> (their LayerResults, the names whose W_t equals W_0).
+
+    done: called with 1 after each matrix (a progress bar's `update`).
+    """
+    results, unchanged = [], []
+    # small products run single-threaded (see cpu_threads); base decompositions get all torch threads back
+    work = Workspace(device, torch.get_num_threads())
+    with cpu_threads(device):
+        for name in names:
+            result = analyse(name, base, tuned, k, threshold, side, device, cache, work)
+            if result is None:
+                unchanged.append(name)
+            else:
+                results.append(result)
+            trim_heap()
+            if done is not None:
+                done(1)
+    return results, unchanged
+
+
+def analyse(name: str, base: Weights, tuned: Weights, k: int, threshold: float, side: str,
+             device: torch.device, cache: FactorCache | None, work: Workspace) -> LayerResult | None:
+    """One matrix: None when W_t == W_0, else its LayerResult."""
+    m = load(name, base, tuned, device, cache, work)
+    if m is None:
+        return None
+    proj = project(m, k)
+    if m.update is not None:
+        delta_sigma, kind = low_rank_singular_values(m.update.left, m.update.right), "low-rank"
+    else:  # W_0 - W_t: same singular values as ΔW
+        delta_sigma, kind = singular_values(m.w0.sub_(m.wt)), "dense"
+    return _layer_result(name, tuple(m.w0.shape), m.factors, proj, delta_sigma, kind, threshold, side)
+
+
+def load(name: str, base: Weights, tuned: Weights, device: torch.device, cache: FactorCache | None,
+          work: Workspace) -> Matrix | None:
+    """Read W_0 and W_t (or ΔW's factors) of `name` and the base factors (cached); None when W_t == W_0."""
+    raw = work.read(base, name)
+    key = cache.key(raw, base.fingerprint(name)) if cache is not None else None
+    update = tuned.low_rank_update(name)
+    if update is None:  # compare first: an unchanged matrix costs no decomposition
+        wt = tuned.get(name)
+        _check_shape(name, tuple(raw.shape), tuple(wt.shape), tuned.source)
+        if _equal(raw, wt):
+            return None
+    factors = cache.load(key, tuple(raw.shape)) if cache is not None else None
+    if factors is None:  # a cache entry exists only for a finite W_0: none is written for any other
+        work.release()  # room for the decomposition; reusing buffers matters little in a cold run
+        try:
+            with torch_threads(work.threads):
+                factors = base_factors(raw.to(device))
+        except NonFiniteError:
+            raise _non_finite(raw, name, base.source) from None
+        if cache is not None:
+            cache.store(key, tuple(raw.shape), factors)
+    w0 = work.f64(raw, 0)
+    del raw
+    factors = factors.to(device)
+    if update is not None:
+        _check_shape(name, tuple(w0.shape), (update.left.shape[0], update.right.shape[1]), tuned.source)
+        left, right = update.left.to(device, torch.float64), update.right.to(device, torch.float64)
+        if not bool(torch.isfinite(left).all() and torch.isfinite(right).all()):
+            raise _non_finite(left @ right, name, tuned.source)
+        return Matrix(w0, factors, update=LowRankUpdate(left, right))
+    wt = work.f64(wt, 1)
+    if not bool(torch.isfinite(wt.sum())):
+        raise _non_finite(wt, name, tuned.source)
+    return Matrix(w0, factors, wt=wt)
+
+
+def project(m: Matrix, k: int) -> Projection:
+    """The top-k tuned triplets of one matrix in the base bases (k capped at min(m, n))."""
+    k = min(k, min(m.w0.shape))
+    if m.update is not None:
+        return _project_low_rank(m.w0, m.factors, m.update, k)
+    return _project_dense(m.w0, m.factors, m.wt, k)
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality of values, comparing in the wider dtype when the two are stored differently."""
+    if a.dtype != b.dtype:
+        wide = torch.promote_types(a.dtype, b.dtype)
+        a, b = a.to(wide), b.to(wide)
+    return torch.equal(a, b)
+
+
+def _non_finite(w: torch.Tensor, name: str, source: str) -> NonFiniteError:
+    bad = int((~torch.isfinite(w)).sum())
+    return NonFiniteError(f"tensor {name!r} in {source} holds {bad} NaN/Inf values; "
+                          "the checkpoint is damaged or training diverged: use an earlier checkpoint")
+
+
+def _check_shape(name: str, base_shape: tuple, tuned_shape: tuple, source: str) -> None:
+    if base_shape != tuned_shape:
+        raise ShapeMismatchError(
+            f"tensor {name!r} has shape {base_shape} in the base but {tuned_shape} in {source}; "
+            "the two models have different architectures: pass the base this model was fine-tuned from")
+
+
+def _project_low_rank(w0: torch.Tensor, f: BaseFactors, update: LowRankUpdate, k: int) -> Projection:
+    """W_t = W_0 + L R with L (m, r), R (r, n): top-k tuned triplets in O(m n r) given the base factors."""
+    if f.left:  # work on the small side: W (p, q), ΔW = L R with L (p, r), R (r, q)
+        w, lo, ro = w0, update.left, update.right
+    else:
+        w, lo, ro = w0.T, update.right.T, update.left.T
+    x, s = f.basis, f.sigma
+    b = x.T @ lo  # (p, r): L in the base basis
+    c = (ro @ w.T) @ x  # (r, p): R W_0ᵀ X = R Y S
+    r = lo.shape[1]
+    eye = torch.eye(r, dtype=w.dtype, device=w.device)
+    pmat = torch.cat([b, c.T], dim=1)  # (p, 2r)
+    qmat = torch.cat([torch.cat([ro @ ro.T, eye], 1), torch.cat([eye, torch.zeros_like(eye)], 1)], 0)
+    # Xᵀ W_t W_tᵀ X = S² + B C + Cᵀ Bᵀ + B (R Rᵀ) Bᵀ = S² + P Q Pᵀ
+    lam, z = top_eigenpairs((s**2)[None], pmat[None], qmat[None], k)
+    lam, z = lam[0], z[0]
+    sigma = lam.clamp_min(0).sqrt()
+    # the other side: Yᵀ v_j = (S z_j + S⁻¹ Cᵀ Bᵀ z_j) / σ_j
+    large = s[:, None] * z + (c.T @ (b.T @ z)) / safe(s)[:, None]
+    return Projection(sigma, z.T, _null_zeroed(large / safe(sigma)[None, :], s).T)
+
+
+def _project_dense(w0: torch.Tensor, f: BaseFactors, wt: torch.Tensor, k: int) -> Projection:
+    """Dense W_t: its top-k small-side vectors (Lanczos on W_t W_tᵀ), projected on the base bases."""
+    w, t = (w0, wt) if f.left else (w0.T, wt.T)  # (p, q)
+    lam, y = top_eigenpairs_gram(t, k)  # y (p, k)
+    sigma = lam.clamp_min(0).sqrt()
+    v = (t.T @ y) / safe(sigma)[None, :]  # (q, k) tuned large-side vectors
+    large = (f.basis.T @ (w @ v)) / safe(f.sigma)[:, None]
+    return Projection(sigma, (f.basis.T @ y).T, _null_zeroed(large, f.sigma).T)
+
+
+def safe(s: torch.Tensor) -> torch.Tensor:
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def _null_zeroed(coords: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Zero the rows of base directions whose singular value is numerically zero (they are arbitrary)."""
+    keep = s > _NULL_TOL * s[0] if s.numel() and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
+    return coords * keep[:, None]
+
+
+def _layer_result(name: str, shape: tuple, f: BaseFactors, proj: Projection, delta_sigma: torch.Tensor,
+                  kind: str, threshold: float, side: str) -> LayerResult:
+    left, right = (proj.small, proj.large) if f.left else (proj.large, proj.small)
+    left, right = left.abs().cpu().numpy(), right.abs().cpu().numpy()
+    shown = right if side == "right" else left
+    delta = delta_sigma.cpu().numpy()
+    return LayerResult(
+        name=name, shape=shape, threshold=threshold, side=side, update=kind,
+        singular_values=proj.sigma.cpu().numpy().copy(),
+        max_cos_left=left.max(axis=1), max_cos_right=right.max(axis=1),
+        best_match_left=left.argmax(axis=1), best_match_right=right.argmax(axis=1),
+        similarity=shown[:, :SIMILARITY_WIDTH].astype(np.float32),
+        base_singular_values=f.sigma.cpu().numpy().copy(),  # not a view into the cache entry's buffer
+        delta_singular_values=np.sort(delta[delta > _NULL_TOL * delta.max(initial=0)])[::-1].copy(),
+    )
