@@ -6,6 +6,7 @@ See `intruders.py` for the method. The eigen-solvers live in `eigen.py`.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 
 from ..errors import NonFiniteError, ShapeMismatchError
 from ..weights import LowRankUpdate, Weights
-from ._runtime import Workspace, cpu_threads, torch_threads, trim_heap
+from ._runtime import Workspace, cpu_threads, trim_heap
 from .eigen import top_eigenpairs, top_eigenpairs_gram
 from .results import LayerResult
 from .spectra import BaseFactors, FactorCache, base_factors, low_rank_singular_values, singular_values
@@ -51,30 +52,34 @@ def analyse_all(names: list[str], base: Weights, tuned: Weights, k: int, thresho
                 device: torch.device, cache: FactorCache | None, done=None) -> tuple[list[LayerResult], list[str]]:
     """Analyse `names` in order -> (their LayerResults, the names whose W_t equals W_0).
 
-    done: called with 1 after each matrix (a progress bar's `update`).
+    One thread reads the next matrix (W_0, the update or W_t, the cached base factors) while this one computes
+    the current: reading is about a third of a warm run. done: called with 1 after each matrix.
     """
     results, unchanged = [], []
-    # small products run single-threaded (see cpu_threads); base decompositions get all torch threads back
-    work = Workspace(device, torch.get_num_threads())
-    with cpu_threads(device):
-        for name in names:
-            result = analyse(name, base, tuned, k, threshold, side, device, cache, work)
-            if result is None:
+    # two workspaces, one per matrix in flight; the base decompositions get all torch threads back
+    works = [Workspace(device, torch.get_num_threads()) for _ in range(2)]
+    with ThreadPoolExecutor(1, thread_name_prefix="intruder-read") as reader, cpu_threads(device):
+        ahead = reader.submit(fetch, names[0], base, tuned, cache, works[0]) if names else None
+        for index, name in enumerate(names):
+            fetched = ahead.result()
+            if index + 1 < len(names):
+                ahead = reader.submit(fetch, names[index + 1], base, tuned, cache, works[(index + 1) % 2])
+            m = prepare(fetched, base, tuned, device, cache, works[index % 2])
+            if m is None:
                 unchanged.append(name)
             else:
-                results.append(result)
-            trim_heap()
+                results.append(analyse(name, m, k, threshold, side))
+            del m, fetched
+            if index % 16 == 15:
+                trim_heap()
             if done is not None:
                 done(1)
+    trim_heap()
     return results, unchanged
 
 
-def analyse(name: str, base: Weights, tuned: Weights, k: int, threshold: float, side: str,
-             device: torch.device, cache: FactorCache | None, work: Workspace) -> LayerResult | None:
-    """One matrix: None when W_t == W_0, else its LayerResult."""
-    m = load(name, base, tuned, device, cache, work)
-    if m is None:
-        return None
+def analyse(name: str, m: Matrix, k: int, threshold: float, side: str) -> LayerResult:
+    """One changed matrix, read: its LayerResult."""
     proj = project(m, k)
     if m.update is not None:
         delta_sigma, kind = low_rank_singular_values(m.update.left, m.update.right), "low-rank"
@@ -83,47 +88,77 @@ def analyse(name: str, base: Weights, tuned: Weights, k: int, threshold: float, 
     return _layer_result(name, tuple(m.w0.shape), m.factors, proj, delta_sigma, kind, threshold, side)
 
 
-def load(name: str, base: Weights, tuned: Weights, device: torch.device, cache: FactorCache | None,
-          work: Workspace) -> Matrix | None:
-    """Read W_0 and W_t (or ΔW's factors) of `name` and the base factors (cached); None when W_t == W_0."""
+@dataclass
+class Fetched:
+    """What `fetch` read for one matrix: W_0 as stored, its cache key and entry, and the tuned side."""
+
+    name: str
+    raw: torch.Tensor
+    key: str | None
+    factors: BaseFactors | None
+    update: LowRankUpdate | None
+    wt: torch.Tensor | None
+    unchanged: bool = False
+
+
+def fetch(name: str, base: Weights, tuned: Weights, cache: FactorCache | None, work: Workspace) -> Fetched:
+    """Read one matrix and its cached base factors (no decomposition); W_0 into `work`'s buffer."""
     raw = work.read(base, name)
     key = cache.key(raw, base.fingerprint(name)) if cache is not None else None
     update = tuned.low_rank_update(name)
+    wt = None
     if update is None:  # compare first: an unchanged matrix costs no decomposition
         wt = tuned.get(name)
         _check_shape(name, tuple(raw.shape), tuple(wt.shape), tuned.source)
         if _equal(raw, wt):
-            return None
+            return Fetched(name, raw, key, None, None, None, unchanged=True)
     factors = cache.load(key, tuple(raw.shape)) if cache is not None else None
+    return Fetched(name, raw, key, factors, update, wt)
+
+
+def prepare(f: Fetched, base: Weights, tuned: Weights, device: torch.device, cache: FactorCache | None,
+            work: Workspace) -> Matrix | None:
+    """The fetched matrix in float64 on `device`, its base factors computed (and cached) when they were not
+    in the cache; None when W_t == W_0."""
+    if f.unchanged:
+        return None
+    name, raw, factors = f.name, f.raw, f.factors
     if factors is None:  # a cache entry exists only for a finite W_0: none is written for any other
         work.release()  # room for the decomposition; reusing buffers matters little in a cold run
         try:
-            with torch_threads(work.threads):
+            with cpu_threads(device, work.threads):  # all threads, torch's and the BLAS's
                 factors = base_factors(raw.to(device))
         except NonFiniteError:
             raise _non_finite(raw, name, base.source) from None
         if cache is not None:
-            cache.store(key, tuple(raw.shape), factors)
+            cache.store(f.key, tuple(raw.shape), factors)
     w0 = work.f64(raw, 0)
-    del raw
     factors = factors.to(device)
-    if update is not None:
+    if f.update is not None:
+        update = f.update
         _check_shape(name, tuple(w0.shape), (update.left.shape[0], update.right.shape[1]), tuned.source)
         left, right = update.left.to(device, torch.float64), update.right.to(device, torch.float64)
         if not bool(torch.isfinite(left).all() and torch.isfinite(right).all()):
             raise _non_finite(left @ right, name, tuned.source)
         return Matrix(w0, factors, update=LowRankUpdate(left, right))
-    wt = work.f64(wt, 1)
+    wt = work.f64(f.wt, 1)
     if not bool(torch.isfinite(wt.sum())):
         raise _non_finite(wt, name, tuned.source)
     return Matrix(w0, factors, wt=wt)
+
+
+def load(name: str, base: Weights, tuned: Weights, device: torch.device, cache: FactorCache | None,
+         work: Workspace) -> Matrix | None:
+    """Read W_0 and W_t (or ΔW's factors) of `name` and the base factors (cached); None when W_t == W_0."""
+    return prepare(fetch(name, base, tuned, cache, work), base, tuned, device, cache, work)
 
 
 def project(m: Matrix, k: int) -> Projection:
     """The top-k tuned triplets of one matrix in the base bases (k capped at min(m, n))."""
     k = min(k, min(m.w0.shape))
     if m.update is not None:
-        return _project_low_rank(m.w0, m.factors, m.update, k)
+        problem = low_rank_problem(m.w0, m.factors, m.update)
+        return problem.projection(*top_eigenpairs(problem.d, problem.pmat, problem.qmat, k))
     return _project_dense(m.w0, m.factors, m.wt, k)
 
 
@@ -148,26 +183,39 @@ def _check_shape(name: str, base_shape: tuple, tuned_shape: tuple, source: str) 
             "the two models have different architectures: pass the base this model was fine-tuned from")
 
 
-def _project_low_rank(w0: torch.Tensor, f: BaseFactors, update: LowRankUpdate, k: int) -> Projection:
-    """W_t = W_0 + L R with L (m, r), R (r, n): top-k tuned triplets in O(m n r) given the base factors."""
+@dataclass
+class LowRankProblem:
+    """Xᵀ W_t W_tᵀ X = diag(d) + P Q Pᵀ for W_t = W_0 + L R on the small side (p, q), in the base basis X.
+
+    d (p,) = S², P (p, 2r) = [B, Cᵀ] with B = Xᵀ L and C = R W_0ᵀ X = R Y S, Q (2r, 2r) = [[R Rᵀ, I], [I, 0]].
+    """
+
+    d: torch.Tensor
+    pmat: torch.Tensor
+    qmat: torch.Tensor
+    s: torch.Tensor
+
+    def projection(self, lam: torch.Tensor, z: torch.Tensor) -> Projection:
+        """Projection from the top-k eigenpairs lam (k,), z (p, k) of diag(d) + P Q Pᵀ."""
+        r = self.pmat.shape[1] // 2
+        b, ct = self.pmat[:, :r], self.pmat[:, r:]
+        sigma = lam.clamp_min(0).sqrt()
+        # the other side: Yᵀ v_j = (S z_j + S⁻¹ Cᵀ Bᵀ z_j) / σ_j
+        large = self.s[:, None] * z + (ct @ (b.T @ z)) / safe(self.s)[:, None]
+        return Projection(sigma, z.T, _null_zeroed(large / safe(sigma)[None, :], self.s).T)
+
+
+def low_rank_problem(w0: torch.Tensor, f: BaseFactors, update: LowRankUpdate) -> LowRankProblem:
+    """W_t = W_0 + L R with L (m, r), R (r, n) -> its eigenproblem in the base basis, in O(m n r + p² r)."""
     if f.left:  # work on the small side: W (p, q), ΔW = L R with L (p, r), R (r, q)
         w, lo, ro = w0, update.left, update.right
     else:
         w, lo, ro = w0.T, update.right.T, update.left.T
-    x, s = f.basis, f.sigma
-    b = x.T @ lo  # (p, r): L in the base basis
-    c = (ro @ w.T) @ x  # (r, p): R W_0ᵀ X = R Y S
     r = lo.shape[1]
+    pmat = f.basis.T @ torch.cat([lo, w @ ro.T], dim=1)  # (p, 2r) = [Xᵀ L, Xᵀ W_0 Rᵀ] = [B, Cᵀ]
     eye = torch.eye(r, dtype=w.dtype, device=w.device)
-    pmat = torch.cat([b, c.T], dim=1)  # (p, 2r)
     qmat = torch.cat([torch.cat([ro @ ro.T, eye], 1), torch.cat([eye, torch.zeros_like(eye)], 1)], 0)
-    # Xᵀ W_t W_tᵀ X = S² + B C + Cᵀ Bᵀ + B (R Rᵀ) Bᵀ = S² + P Q Pᵀ
-    lam, z = top_eigenpairs((s**2)[None], pmat[None], qmat[None], k)
-    lam, z = lam[0], z[0]
-    sigma = lam.clamp_min(0).sqrt()
-    # the other side: Yᵀ v_j = (S z_j + S⁻¹ Cᵀ Bᵀ z_j) / σ_j
-    large = s[:, None] * z + (c.T @ (b.T @ z)) / safe(s)[:, None]
-    return Projection(sigma, z.T, _null_zeroed(large / safe(sigma)[None, :], s).T)
+    return LowRankProblem(f.sigma**2, pmat, qmat, f.sigma.clone())
 
 
 def _project_dense(w0: torch.Tensor, f: BaseFactors, wt: torch.Tensor, k: int) -> Projection:
