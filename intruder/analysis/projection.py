@@ -52,13 +52,17 @@ def analyse_all(names: list[str], base: Weights, tuned: Weights, k: int, thresho
                 device: torch.device, cache: FactorCache | None, done=None) -> tuple[list[LayerResult], list[str]]:
     """Analyse `names` in order -> (their LayerResults, the names whose W_t equals W_0).
 
-    One thread reads the next matrix (W_0, the update or W_t, the cached base factors) while this one computes
-    the current: reading is about a third of a warm run. done: called with 1 after each matrix.
+    A pipeline of three threads, one matrix in each stage: one reads the next matrix (W_0, the update or W_t,
+    the cached base factors, W_0 in float64), this one computes the products of the current one (the base
+    decomposition when it is not cached, the low-rank eigenproblem), and one solves the eigenproblem of the
+    previous one. Reading and products release the GIL, so on a CPU they run beside the solver's Python loop.
+    done: called with 1 after each matrix.
     """
-    results, unchanged = [], []
+    pending, unchanged = [], []
     # two workspaces, one per matrix in flight; the base decompositions get all torch threads back
     works = [Workspace(device, torch.get_num_threads()) for _ in range(2)]
-    with ThreadPoolExecutor(1, thread_name_prefix="intruder-read") as reader, cpu_threads(device):
+    with (ThreadPoolExecutor(1, thread_name_prefix="intruder-read") as reader,
+          ThreadPoolExecutor(1, thread_name_prefix="intruder-solve") as solver, cpu_threads(device)):
         ahead = reader.submit(fetch, names[0], base, tuned, cache, works[0]) if names else None
         for index, name in enumerate(names):
             fetched = ahead.result()
@@ -67,15 +71,29 @@ def analyse_all(names: list[str], base: Weights, tuned: Weights, k: int, thresho
             m = prepare(fetched, base, tuned, device, cache, works[index % 2])
             if m is None:
                 unchanged.append(name)
+            elif m.update is not None:  # the products here, the eigenproblem on the solver thread
+                problem = low_rank_problem(m.w0, m.factors, m.update)
+                slim = BaseFactors(problem.s[:0], problem.s, m.factors.left)  # the basis is not needed now
+                pending.append(solver.submit(_low_rank_result, name, tuple(m.w0.shape), slim, m.update, problem,
+                                             k, threshold, side))
             else:
-                results.append(analyse(name, m, k, threshold, side))
+                pending.append(analyse(name, m, k, threshold, side))
             del m, fetched
             if index % 16 == 15:
                 trim_heap()
             if done is not None:
                 done(1)
+        results = [item if isinstance(item, LayerResult) else item.result() for item in pending]
     trim_heap()
     return results, unchanged
+
+
+def _low_rank_result(name: str, shape: tuple, factors: BaseFactors, update: LowRankUpdate,
+                     problem: LowRankProblem, k: int, threshold: float, side: str) -> LayerResult:
+    """The LayerResult of a low-rank matrix from its eigenproblem (the solver thread's work)."""
+    proj = problem.projection(*top_eigenpairs(problem.d, problem.pmat, problem.qmat, min(k, *shape)))
+    delta_sigma = low_rank_singular_values(update.left, update.right)
+    return _layer_result(name, shape, factors, proj, delta_sigma, "low-rank", threshold, side)
 
 
 def analyse(name: str, m: Matrix, k: int, threshold: float, side: str) -> LayerResult:
@@ -99,6 +117,7 @@ class Fetched:
     update: LowRankUpdate | None
     wt: torch.Tensor | None
     unchanged: bool = False
+    w0: torch.Tensor | None = None  # W_0 in float64, converted here when nothing is to be decomposed first
 
 
 def fetch(name: str, base: Weights, tuned: Weights, cache: FactorCache | None, work: Workspace) -> Fetched:
@@ -113,7 +132,8 @@ def fetch(name: str, base: Weights, tuned: Weights, cache: FactorCache | None, w
         if _equal(raw, wt):
             return Fetched(name, raw, key, None, None, None, unchanged=True)
     factors = cache.load(key, tuple(raw.shape)) if cache is not None else None
-    return Fetched(name, raw, key, factors, update, wt)
+    w0 = work.f64(raw, 0) if factors is not None and work.device.type == "cpu" else None
+    return Fetched(name, raw, key, factors, update, wt, w0=w0)
 
 
 def prepare(f: Fetched, base: Weights, tuned: Weights, device: torch.device, cache: FactorCache | None,
@@ -132,7 +152,7 @@ def prepare(f: Fetched, base: Weights, tuned: Weights, device: torch.device, cac
             raise _non_finite(raw, name, base.source) from None
         if cache is not None:
             cache.store(f.key, tuple(raw.shape), factors)
-    w0 = work.f64(raw, 0)
+    w0 = f.w0 if f.w0 is not None else work.f64(raw, 0)
     factors = factors.to(device)
     if f.update is not None:
         update = f.update
