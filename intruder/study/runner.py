@@ -10,16 +10,25 @@
 Every file is written beside its place and renamed in, and each stage is skipped when its file exists, so a
 sweep killed at any point continues with the same command: finished work is kept, an interrupted run resumes
 from its last epoch. `shard=(i, n)` runs every n-th run, so n processes can share one DIR.
+
+Under torchrun (`torchrun --nproc_per_node N -m intruder sweep ...`) process RANK runs shard (RANK + 1, N), each
+of its runs whole in that one process (no DDP inside a run) on its own GPU, cuda:LOCAL_RANK. Rank 0 settles the
+grid and evaluates the base model while the others wait, and collects the rows once every rank is done; DIR
+must be a folder every process sees.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import sys
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 
+from .. import distributed
 from ..analysis import IntruderReport, find_intruders
 from ..errors import IntruderError
 from ..outputs import write_text
@@ -28,23 +37,60 @@ from ..training.trainer import resolve_device
 from .grid import Grid, RunSpec
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the ε-curve every row carries
+WAIT = timedelta(days=30)  # how long the ranks of a sweep may wait for the slowest: its shards differ in length
 
 
-def sweep(out, grid: Grid, *, shard: tuple[int, int] = (1, 1), extend: bool = False, cache_dir=None,
+def sweep(out, grid: Grid, *, shard: tuple[int, int] | None = None, extend: bool = False, cache_dir=None,
           progress: bool = True) -> list[dict]:
-    """Run (or continue) shard `shard` of `grid` in `out`; returns the rows of every run present in `out`."""
+    """Run (or continue) shard `shard` of `grid` in `out` (None: all of it, or under torchrun this rank's
+    share); returns the rows of every run present in `out`, on every rank."""
     out = Path(out)
-    grid = settle_grid(out, grid, extend=extend)
-    runs = grid.shard(*shard)
-    base_evaluation(out, grid)
-    for spec in _bar(runs, progress):  # train and analyse every run, then the λ intervention on each LoRA run
+    shard = _shard(shard)
+    with distributed.together("preparing the sweep"):  # the others wait for rank 0
+        if distributed.rank() == 0:
+            grid = settle_grid(out, grid, extend=extend)
+            with distributed.alone():
+                base_evaluation(out, grid)
+    grid = distributed.broadcast_object(grid)
+    with distributed.together("running its runs"), _reported(shard), distributed.alone():
+        _run_shard(out, grid, grid.shard(*shard), cache_dir, progress and distributed.rank() == 0)
+    return distributed.broadcast_object(collect(out) if distributed.rank() == 0 else None)
+
+
+def _shard(shard: tuple[int, int] | None) -> tuple[int, int]:
+    """`shard`, (1, 1) for None; under torchrun (rank + 1, world size), joining its processes."""
+    if not distributed.launched():
+        return shard or (1, 1)
+    if shard is not None:
+        raise IntruderError(f"shard {shard[0]}/{shard[1]} (--shard) under torchrun: torchrun splits the grid "
+                            "already, process RANK running shard RANK+1/WORLD_SIZE; drop --shard, or run "
+                            "without torchrun")
+    distributed.init_from_env("gloo", timeout=WAIT)  # objects only: the runs never talk to each other
+    return distributed.rank() + 1, distributed.world_size()
+
+
+def _run_shard(out: Path, grid: Grid, runs: list[RunSpec], cache_dir, progress: bool) -> None:
+    """Train and analyse every run, then the λ intervention on each LoRA run."""
+    for spec in _bar(runs, progress):
         config = run_config(out, grid, spec)
         _train(config, progress)
         _analyse(out, spec, config, grid, cache_dir)
     for spec in runs:
         if spec.method == "lora":
             _mitigate(out, spec, run_config(out, grid, spec), grid, cache_dir)
-    return collect(out)
+
+
+@contextmanager
+def _reported(shard: tuple[int, int]):
+    """Under torchrun, say at once when this rank's runs fail: the error is raised on every rank only once the
+    others have finished theirs (and kept them)."""
+    try:
+        yield
+    except Exception as exc:
+        if distributed.active():
+            print(f"intruder: rank {distributed.rank()} (shard {shard[0]}/{shard[1]}) failed: {exc}; the other "
+                  "ranks finish their runs first", file=sys.stderr)
+        raise
 
 
 def settle_grid(out: Path, grid: Grid, *, extend: bool) -> Grid:

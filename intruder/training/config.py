@@ -12,6 +12,7 @@ METHODS = ("lora", "full")
 LOSSES = ("letter", "answer")
 SCHEDULES = ("cosine", "linear", "constant")
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
+RECORDED = {"model_path", "world_size"}  # what config.json records beside the settings: read, not set
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known - {"model_path"})
+        unknown = sorted(set(values) - known - RECORDED)
         if unknown:
             raise IntruderError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**{k: v for k, v in values.items() if k in known})

@@ -169,7 +169,8 @@ def _choose(model, tokenizer, questions, prompts, pad: int, scoring: str, batch_
 @torch.no_grad()
 def text_loss(model, tokenizer, texts: list[str], *, batch_size: int = 4, max_length: int = 256,
               chunk: int = 128) -> dict:
-    """{"loss", "perplexity", "tokens"}: mean next-token loss (nats) over every predicted token of `texts`.
+    """{"loss", "perplexity", "tokens", "nll"}: mean next-token loss (nats) over every predicted token of `texts`;
+    "nll" is their summed loss, which adds up over parts of a corpus (loss = nll / tokens).
 
     The output layer (a 262,144-way vocabulary on Gemma) dominates the cost: the decoder runs once per
     batch, and the output projection and cross-entropy run on `chunk` positions at a time, so the full
@@ -197,7 +198,7 @@ def text_loss(model, tokenizer, texts: list[str], *, batch_size: int = 4, max_le
                 total += float(F.cross_entropy(logits, targets[s:s + chunk], reduction="sum"))
             tokens += len(targets)
     loss = total / tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "nll": total}
 
 
 def _decoder_and_head(model):

@@ -9,13 +9,16 @@ full fine-tuning, both readable by `find_intruders(config["model_path"], run / "
 from which `resume=True` continues an interrupted run exactly. Every checkpoint and state file is written
 beside its place and renamed into it, so an interruption never leaves a broken one; a run that stops before
 its first epoch ends leaves `out` as it was (an overwritten run is put back).
+
+Started by torchrun (`torchrun --nproc_per_node N -m intruder train ...`), the run is spread over the N
+processes with DistributedDataParallel: the global batch is batch_size × N × grad_accum, each rank trains on its
+share of every micro-batch and evaluates its share of the questions, and rank 0 alone writes (parallel.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 import warnings
@@ -25,9 +28,9 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..errors import IntruderError
 from ..outputs import atomic_dir, check_output_dir, versions, write_text
-from ..weights import open_weights
 from . import data as mcq_data
 from .config import TrainConfig
 from .evaluate import (
@@ -40,58 +43,73 @@ from .evaluate import (
     pad_id,
     text_loss,
 )
-from .lora import add_lora, load_adapter_state, save_adapter
+from .lora import add_lora, save_adapter
 from .modeling import load_model
-from .rundir import RunDirectory, holds_run
+from .parallel import Ranks
+from .resume import load_state, random_state, restore, save_state, saved_config
+from .rundir import holds_run
 
 
-def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          data_parallel: bool | None = None) -> dict:
     """Run `config` to the end and return its summary (also written to `<out>/summary.json`).
 
     Everything is checked before `out` is touched: the options, the device, the data, the model and the prompt
     length. A run that stops before its first epoch ends leaves `out` as it was: what this call created is
     removed, and the run `overwrite` replaces is put back (it is deleted only once the new run has an epoch).
+    data_parallel: spread the run over the processes torchrun started (None: whenever torchrun started several;
+    False: train in this process alone, as each run of a sweep does). Every rank returns the summary.
     """
     out = Path(config.out)
-    _check_out(out, config, resume=resume, overwrite=overwrite)
-    device = resolve_device(config.device)
-    state = _load_state(out) if resume else None
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    questions = mcq_data.load_mcq(config.data)
-    train_set, test_set = mcq_data.train_test_split(questions, test_fraction=config.test_fraction, seed=config.seed)
-    general = mcq_data.load_general_text(config.general_text, limit=config.forget_texts)
-    model, tokenizer, model_path = load_model(config.model, device=device)
-    trainable = _prepare(model, config)
-    _check_prompt_length(tokenizer, questions, config)
-    examples = _encode(tokenizer, train_set, config)
+    ranks = Ranks.join(data_parallel, config.device)
+    with ranks.together("preparing the run"):  # an error on one rank is raised on all
+        if ranks.main:
+            _check_out(out, config, resume=resume, overwrite=overwrite, world_size=ranks.size)
+        device = resolve_device(ranks.device(config.device))
+        state = load_state(out) if resume and ranks.main else None
+        random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        questions = mcq_data.load_mcq(config.data)
+        train_set, test_set = mcq_data.train_test_split(questions, test_fraction=config.test_fraction,
+                                                        seed=config.seed)
+        general = mcq_data.load_general_text(config.general_text, limit=config.forget_texts)
+        model, tokenizer, model_path = load_model(config.model, device=device)
+        trainable = _prepare(model, config)
+        _check_prompt_length(tokenizer, questions, config)
+        examples = _encode(tokenizer, train_set, config)
+    ranks.seed(config.seed)
+    state = ranks.broadcast(state)
 
-    with RunDirectory(out, new=not resume) as run_dir:
-        _write_json(out / "config.json", asdict(config) | {"model_path": str(model_path)})
+    with ranks.run_directory(out, new=not resume) as run_dir:
+        metrics = out / "metrics.jsonl" if ranks.main else None  # None: this rank logs nothing
         pad = pad_id(tokenizer)
-        steps_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / config.grad_accum)
+        steps_per_epoch = math.ceil(math.ceil(len(examples) / (config.batch_size * ranks.size)) / config.grad_accum)
         total_steps = steps_per_epoch * config.epochs
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
         autocast = _autocast(config, device)
-        metrics = out / "metrics.jsonl"
-        evaluate = _evaluator(model, tokenizer, test_set, general, config, autocast)
+        evaluate = _evaluator(model, tokenizer, test_set, general, config, autocast, ranks)
 
         start_epoch, step = 0, 0
-        if state is not None:
-            start_epoch, step = _restore(state, model, config, out, optimizer, schedule, metrics)
-        else:
-            metrics.write_text("", encoding="utf-8")
-            if config.eval_before:
-                _log(metrics, {"kind": "eval", "step": 0, "epoch": 0, **evaluate()})
+        with ranks.together("starting the run"):
+            if ranks.main:
+                _write_json(out / "config.json", _recorded(config, model_path, ranks))
+            if state is not None:
+                start_epoch, step = restore(state, model, config, out, optimizer, schedule, rank=ranks.rank,
+                                            device=device)
+            elif metrics:
+                metrics.write_text("", encoding="utf-8")
+        if state is None and config.eval_before:
+            _log(metrics, {"kind": "eval", "step": 0, "epoch": 0, **evaluate()})
+        net = ranks.wrap(model, device)  # the model in DDP (rank 0's weights on every rank) or itself
 
-        bar = _progress_bar(total_steps, step, progress)
+        bar = _progress_bar(total_steps, step, progress and ranks.main)
         started = time.perf_counter()
         for epoch in range(start_epoch, config.epochs):
             model.train()
-            for batches in _epoch_batches(examples, config, epoch):
-                loss, tokens, seconds = _optimizer_step(model, batches, trainable, optimizer, schedule, config, pad,
-                                                        autocast)
+            for batches in _epoch_batches(examples, config, epoch, config.batch_size * ranks.size):
+                loss, tokens, seconds = _optimizer_step(net, batches, trainable, optimizer, schedule, config, pad,
+                                                        autocast, ranks)
                 step += 1
                 record = {"kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss,
                           "lr": schedule.get_last_lr()[0], "tokens_per_s": tokens / seconds,
@@ -101,34 +119,24 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 bar.update(1)
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
                 _log(metrics, {"kind": "eval", "step": step, "epoch": epoch + 1, **evaluate()})
-            _checkpoint(model, config, out, epoch + 1, model_path)
-            _save_state(out, epoch + 1, step, optimizer, schedule, metrics)
+            streams = ranks.gather(random_state(device))
+            with ranks.together(f"saving epoch {epoch + 1}"):
+                if ranks.main:
+                    _checkpoint(model, config, out, epoch + 1, model_path)
+                    save_state(out, epoch + 1, step, optimizer, schedule, metrics, streams)
             run_dir.keep()  # an epoch is saved: the new run stays, the run it replaces goes
         bar.close()
-        return _write_summary(out, config, model_path, trainable, len(train_set), len(test_set))
+        with ranks.together("writing the summary"):
+            summary = _write_summary(out, config, model_path, trainable, len(train_set), len(test_set), ranks
+                                     ) if ranks.main else None
+        return ranks.broadcast(summary)
 
 
-def saved_config(out: Path) -> dict:
-    """The settings a run was started with (`out/config.json`), or an IntruderError saying what is wrong."""
-    path = Path(out) / "config.json"
-    if not path.is_file():
-        raise IntruderError(f"{path} does not exist, so the settings {out} was started with are unknown: put its "
-                            "config.json back to resume it, or start the run afresh with --overwrite")
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise IntruderError(f"{path} cannot be read ({exc}): restore it to resume the run, or start it afresh "
-                            "with --overwrite") from exc
-    if not isinstance(values, dict):
-        raise IntruderError(f"{path} holds a JSON {type(values).__name__}, not the run's settings: restore it to "
-                            "resume the run, or start it afresh with --overwrite")
-    return values
-
-
-def _check_out(out: Path, config: TrainConfig, *, resume: bool, overwrite: bool) -> None:
+def _check_out(out: Path, config: TrainConfig, *, resume: bool, overwrite: bool, world_size: int) -> None:
     """Refuse an `out` this call may not use, touching nothing: a file, a folder that cannot be written, another
-    run (without resume or overwrite), a folder of other files, or a run to resume started with other settings.
-    The `out` a resumed run was saved with need not match: the folder given holds the run (it may have moved)."""
+    run (without resume or overwrite), a folder of other files, or a run to resume started with other settings
+    or another number of processes. The `out` a resumed run was saved with need not match: the folder given
+    holds the run (it may have moved)."""
     if resume and overwrite:
         raise IntruderError("choose either resume or overwrite, not both")
     check_output_dir(out)
@@ -137,12 +145,18 @@ def _check_out(out: Path, config: TrainConfig, *, resume: bool, overwrite: bool)
         if not (out / "state.pt").exists():
             raise IntruderError(f"{out} has no finished epoch to resume from (no state.pt); start it afresh "
                                 "with --overwrite")
-        saved = TrainConfig.from_dict(saved_config(out))
+        values = saved_config(out)
+        saved = TrainConfig.from_dict(values)
         changed = [f.name for f in fields(TrainConfig)
                    if f.name != "out" and getattr(saved, f.name) != getattr(config, f.name)]
         if changed:
             raise IntruderError(f"{out} was started with other settings ({', '.join(changed)} differ); resume "
                                 "it with the settings in its config.json, or start a new run")
+        if values.get("world_size", 1) != world_size:
+            raise IntruderError(f"{out} was trained by {values.get('world_size', 1)} process(es), this is "
+                                f"{world_size}; the global batch (batch_size × processes × grad_accum) would "
+                                f"change: resume it with torchrun --nproc_per_node {values.get('world_size', 1)} "
+                                "(processes in all), or start a new run")
         return
     if is_run and not overwrite:
         raise IntruderError(f"{out} holds another training run; pass --resume to continue it, --overwrite to "
@@ -188,12 +202,13 @@ def _encode(tokenizer, questions, config: TrainConfig) -> list[tuple[list[int], 
             for p, q in zip(prompts, questions)]
 
 
-def _epoch_batches(examples: list, config: TrainConfig, epoch: int):
-    """Per optimizer step, its micro-batches; the order depends only on (seed, epoch), so a resumed run
-    sees the same batches as an uninterrupted one."""
+def _epoch_batches(examples: list, config: TrainConfig, epoch: int, size: int):
+    """Per optimizer step, its micro-batches of `size` examples (of all ranks together); the order depends only on
+    (seed, epoch), so a resumed run sees the same batches as an uninterrupted one, and N ranks with batch_size
+    B the same as one process with batch_size N·B."""
     generator = torch.Generator().manual_seed(config.seed * 1009 + epoch)
     order = torch.randperm(len(examples), generator=generator).tolist()
-    size, window = config.batch_size, config.batch_size * config.bucket
+    window = size * config.bucket
     if config.bucket > 1:  # sort each window of `bucket` micro-batches by prompt length: less padding
         order = [i for s in range(0, len(order), window)
                  for i in sorted(order[s:s + window], key=lambda i: len(examples[i][0]))]
@@ -204,27 +219,34 @@ def _epoch_batches(examples: list, config: TrainConfig, epoch: int):
         yield micro[s:s + config.grad_accum]
 
 
-def _optimizer_step(model, batches, trainable, optimizer, schedule, config, pad: int, autocast):
-    """One AdamW step over `batches` (gradient accumulation); (mean loss, tokens seen, seconds)."""
+def _optimizer_step(net, batches, trainable, optimizer, schedule, config, pad: int, autocast, ranks: Ranks):
+    """One AdamW step over `batches` (gradient accumulation), each rank running its share of every micro-batch;
+    (mean loss, tokens seen by all ranks, seconds)."""
     t0 = time.perf_counter()
     n_examples = sum(len(b) for b in batches)
     total_loss, tokens = 0.0, 0
-    for batch in batches:
-        prompts = [p for p, _ in batch]
-        targets = [t for _, t in batch]
-        with autocast:
-            if config.loss == "letter":
-                loss = letter_loss(model, prompts, targets, pad)
-            else:
-                loss = answer_loss(model, prompts, targets, pad)
-        (loss * len(batch) / n_examples).backward()
-        total_loss += loss.item() * len(batch) / n_examples
-        tokens += sum(len(p) + (len(t) if isinstance(t, list) else 1) for p, t in batch)
+    for i, batch in enumerate(batches):
+        part = ranks.share(batch)
+        weight = _units(part, config) / _units(batch, config) * len(batch) / n_examples  # of the step's mean loss
+        rows = part or batch[:1]  # a rank without a part runs a 0-weighted one: DDP needs every rank's backward
+        loss_of = letter_loss if config.loss == "letter" else answer_loss
+        with ranks.accumulating(net, last=i == len(batches) - 1):
+            with autocast:
+                loss = loss_of(net, [p for p, _ in rows], [t for _, t in rows], pad)
+            (loss * (weight * ranks.size)).backward()  # × size: DDP averages the ranks' gradients; we add them
+        total_loss += loss.item() * weight
+        tokens += sum(len(p) + (len(t) if isinstance(t, list) else 1) for p, t in part)
+    total_loss, tokens = ranks.sum([total_loss, tokens])
     torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
     optimizer.step()
     schedule.step()
     optimizer.zero_grad(set_to_none=True)
-    return total_loss, tokens, time.perf_counter() - t0
+    return total_loss, int(tokens), time.perf_counter() - t0
+
+
+def _units(batch: list, config: TrainConfig) -> int:
+    """What a micro-batch's loss is the mean over: its questions (letter loss) or its answers' tokens."""
+    return len(batch) if config.loss == "letter" else sum(len(t) for _, t in batch)
 
 
 def _lr_lambda(config: TrainConfig, total_steps: int):
@@ -248,18 +270,25 @@ def evaluate_model(model, tokenizer, config: TrainConfig) -> dict:
     _, test_set = mcq_data.train_test_split(questions, test_fraction=config.test_fraction, seed=config.seed)
     general = mcq_data.load_general_text(config.general_text, limit=config.forget_texts)
     device = next(model.parameters()).device
-    return _evaluator(model, tokenizer, test_set, general, config, _autocast(config, device))()
+    return _evaluator(model, tokenizer, test_set, general, config, _autocast(config, device), Ranks())()
 
 
-def _evaluator(model, tokenizer, test_set, general, config: TrainConfig, autocast):
+def _evaluator(model, tokenizer, test_set, general, config: TrainConfig, autocast, ranks: Ranks):
+    """evaluate() -> the evaluation record. Each rank measures every size-th question and paragraph; the counts
+    (right answers, questions, summed loss, tokens) are added up, so the numbers are those of one process."""
+    questions, texts = ranks.stride(test_set), ranks.stride(general)
+
     def evaluate() -> dict:
-        with autocast, warnings.catch_warnings():
+        with ranks.together("evaluating"), autocast, warnings.catch_warnings():
             warnings.simplefilter("ignore", TruncationWarning)  # said once, before training
-            mcq = mcq_accuracy(model, tokenizer, test_set, context=config.context, scoring=config.scoring,
-                               batch_size=config.eval_batch_size, max_length=config.max_length)
-            text = text_loss(model, tokenizer, general)
-        return {"accuracy": mcq["accuracy"], "n_questions": mcq["n_questions"], "forget_loss": text["loss"],
-                "perplexity": text["perplexity"], "forget_tokens": text["tokens"]}
+            mcq = mcq_accuracy(model, tokenizer, questions, context=config.context, scoring=config.scoring,
+                               batch_size=config.eval_batch_size, max_length=config.max_length
+                               ) if questions or not test_set else {"predictions": []}  # none: its error
+            text = text_loss(model, tokenizer, texts) if texts or not general else {"nll": 0.0, "tokens": 0}
+        right = sum(p == q.answer_key for p, q in zip(mcq["predictions"], questions))
+        right, n, nll, tokens = ranks.sum([right, len(questions), text["nll"], text["tokens"]])
+        return {"accuracy": right / n, "n_questions": int(n), "forget_loss": nll / tokens,
+                "perplexity": math.exp(nll / tokens), "forget_tokens": int(tokens)}
 
     return evaluate
 
@@ -273,59 +302,25 @@ def _checkpoint(model, config: TrainConfig, out: Path, epoch: int, model_path: P
         model.save_pretrained(tmp, safe_serialization=True)
 
 
-def _save_state(out: Path, epoch: int, step: int, optimizer, schedule, metrics: Path) -> None:
-    """What `resume` needs beyond the checkpoint: optimizer, schedule, RNG and the log's length."""
-    state = {"epoch": epoch, "step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-             "rng": torch.get_rng_state(), "python_rng": random.getstate(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-             "metrics_bytes": metrics.stat().st_size}
-    tmp = out / f".state.pt.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, out / "state.pt")
+def _recorded(config: TrainConfig, model_path: Path, ranks: Ranks) -> dict:
+    """config.json: the settings, the base weights' local directory and the number of processes."""
+    return asdict(config) | {"model_path": str(model_path), "world_size": ranks.size}
 
 
-def _load_state(out: Path) -> dict:
-    try:
-        return torch.load(out / "state.pt", weights_only=False, map_location="cpu")
-    except Exception as exc:  # a state file we wrote ourselves; anything else is damage
-        raise IntruderError(f"{out / 'state.pt'} cannot be read ({exc}); start the run afresh with --overwrite"
-                            ) from exc
-
-
-def _restore(state: dict, model, config: TrainConfig, out: Path, optimizer, schedule, metrics: Path):
-    """Put the run back where its last finished epoch left it; (next epoch index, step)."""
-    checkpoint = out / f"epoch-{state['epoch']:02d}"
-    if config.method == "lora":
-        load_adapter_state(model, checkpoint)
-    else:
-        with open_weights(checkpoint) as saved, torch.no_grad():
-            for name, param in model.named_parameters():
-                if param.requires_grad:
-                    param.copy_(saved.get(name))
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    torch.set_rng_state(state["rng"])
-    random.setstate(state["python_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    with metrics.open("r+b") as f:  # drop what the interrupted epoch logged
-        f.truncate(state["metrics_bytes"])
-    return state["epoch"], state["step"]
-
-
-def _write_summary(out: Path, config, model_path, trainable, n_train: int, n_test: int) -> dict:
+def _write_summary(out: Path, config, model_path, trainable, n_train: int, n_test: int, ranks: Ranks) -> dict:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     steps = [r for r in records if r["kind"] == "train"]
     before = next((r for r in evals if r["epoch"] == 0), None)  # absent with eval_before=False
     summary = {
-        "config": asdict(config) | {"model_path": str(model_path)}, "evals": evals,
+        "config": _recorded(config, model_path, ranks), "evals": evals,
         "accuracy_after": evals[-1]["accuracy"], "forget_loss_after": evals[-1]["forget_loss"],
         "accuracy_before": before["accuracy"] if before else None,
         "forget_loss_before": before["forget_loss"] if before else None,
         "forgetting": evals[-1]["forget_loss"] - before["forget_loss"] if before else None,
         "steps": len(steps), "tokens_per_s": sum(r["tokens_per_s"] for r in steps) / max(1, len(steps)),
         "trainable_parameters": sum(p.numel() for p in trainable), "n_train": n_train, "n_test": n_test,
+        "world_size": ranks.size, "global_batch": config.batch_size * ranks.size * config.grad_accum,
         "checkpoints": sorted(p.name for p in out.glob("epoch-*") if p.is_dir()),
         "versions": versions(("torch", "transformers", "numpy", "safetensors")),
     }
@@ -335,7 +330,9 @@ def _write_summary(out: Path, config, model_path, trainable, n_train: int, n_tes
 
 def resolve_device(name: str) -> torch.device:
     """"auto" (CUDA when torch sees one, else the CPU), "cpu", "cuda" or "cuda:N", "mps"; IntruderError for a
-    name torch does not know or a device it does not see."""
+    name torch does not know or a device it does not see. Among several processes started by torchrun, "auto"
+    and "cuda" mean this process's GPU, cuda:LOCAL_RANK."""
+    name = distributed.device_for_rank(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -368,7 +365,9 @@ def _progress_bar(total: int, done: int, enabled: bool):
     return tqdm(total=total, initial=done, disable=not enabled, unit="step", dynamic_ncols=True)
 
 
-def _log(path: Path, record: dict) -> None:
+def _log(path: Path | None, record: dict) -> None:
+    if path is None:  # a rank that does not write
+        return
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
