@@ -58,18 +58,30 @@ def _add_analysis_options(p) -> None:
 
 
 def _analyze(args) -> int:
+    """Under torchrun every rank analyses its share of the matrices; rank 0 prints and writes --out."""
+    from . import distributed
     from .analysis import find_intruders
+    from .analysis.parallel import TIMEOUT, together_if
     from .outputs import check_output_file
 
-    if args.out is not None:
-        if args.out.suffix.lower() not in (".json", ".csv"):
-            raise IntruderError(f"--out {args.out}: name a .json or .csv file")
-        check_output_file(args.out)
-    base = args.base if args.base is not None else _adapter_base(Path(args.tuned))
-    args.kept = "nothing was written" + (f" ({args.out} is as it was)" if args.out is not None else "")
-    report = find_intruders(base, args.tuned, threshold=args.threshold, top_k=args.top_k,
-                            side=args.side, layers=args.layers, device=args.device,
-                            cache_dir=False if args.no_cache else args.cache_dir, progress=not args.quiet)
+    group = distributed.init_from_env(device=args.device, timeout=TIMEOUT)  # a no-op without torchrun
+    main_rank = distributed.rank() == 0
+    try:
+        with together_if(group, f"checking --out {args.out}"):
+            if args.out is not None and main_rank:
+                if args.out.suffix.lower() not in (".json", ".csv"):
+                    raise IntruderError(f"--out {args.out}: name a .json or .csv file")
+                check_output_file(args.out)
+        base = args.base if args.base is not None else _adapter_base(Path(args.tuned))
+        args.kept = "nothing was written" + (f" ({args.out} is as it was)" if args.out is not None else "")
+        report = find_intruders(base, args.tuned, threshold=args.threshold, top_k=args.top_k,
+                                side=args.side, layers=args.layers, device=args.device,
+                                cache_dir=False if args.no_cache else args.cache_dir,
+                                progress=main_rank and not args.quiet)
+    finally:
+        distributed.close()
+    if not main_rank:
+        return 0
     print(report.summary())
     if args.out is not None:
         if args.out.suffix.lower() == ".json":
@@ -217,24 +229,31 @@ def _add_training_options(p, *, grid: bool) -> None:
 
 
 def _train(args) -> int:
+    from . import distributed
     from .training import TrainConfig, train
-    from .training.trainer import saved_config
+    from .training.parallel import TIMEOUT
+    from .training.resume import saved_settings
 
     options = {k: v for k, v in vars(args).items() if k not in ("run", "command", "resume", "overwrite", "quiet")}
     resume = getattr(args, "resume", False)
-    if resume and (Path(args.out) / "config.json").is_file():
-        options = saved_config(Path(args.out)) | options
+    distributed.init_from_env(device=options.get("device", "auto"), timeout=TIMEOUT)  # under torchrun
+    if resume:
+        options = saved_settings(Path(args.out)) | options
     if "targets" in options:
         options["targets"] = tuple(options["targets"])
     config = TrainConfig.from_dict(options)
     before = _state_stamp(Path(args.out))
+    main_rank = distributed.rank() == 0  # the others train in silence
     try:
-        with _warnings_to_stderr():
+        with _warnings_to_stderr(main_rank):
             summary = train(config, resume=resume, overwrite=getattr(args, "overwrite", False),
-                            progress=not getattr(args, "quiet", False))
+                            progress=main_rank and not getattr(args, "quiet", False))
     except KeyboardInterrupt:
         args.kept, args.again = _kept_epochs(Path(args.out), config.epochs, before)
         raise
+    distributed.close()
+    if not main_rank:
+        return 0
     print(f"accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} "
           f"on {summary['n_test']} held-out questions; general-text loss {summary['forget_loss_before']:.3f} -> "
           f"{summary['forget_loss_after']:.3f} nats (forgetting {summary['forgetting']:+.3f})")
@@ -265,12 +284,16 @@ def _state_stamp(out: Path):
 
 
 @contextlib.contextmanager
-def _warnings_to_stderr():
-    """Print each warning as `intruder: warning: ...` when it is raised (a long run should not hold them)."""
+def _warnings_to_stderr(show: bool = True):
+    """Print each warning as `intruder: warning: ...` when it is raised (a long run should not hold them); with
+    show=False (ranks but 0 under torchrun, which would repeat them) print none."""
     import warnings
 
     with warnings.catch_warnings():
-        warnings.showwarning = lambda message, *_, **__: print(f"intruder: warning: {message}", file=sys.stderr)
+        if show:
+            warnings.showwarning = lambda message, *_, **__: print(f"intruder: warning: {message}", file=sys.stderr)
+        else:
+            warnings.simplefilter("ignore")
         yield
 
 
@@ -295,7 +318,8 @@ def _add_sweep(commands) -> None:
     p.add_argument("--threshold", type=float, default=0.5, help="ε of the intruder counts and of the mitigation")
     p.add_argument("--top-k", type=int, default=10, help="tuned singular vectors examined per matrix")
     p.add_argument("--lam-threshold", type=float, help="ε of the directions λ scales (default: --threshold)")
-    p.add_argument("--shard", default="1/1", help="I/N: run only every N-th configuration, from the I-th")
+    p.add_argument("--shard", help="I/N: run only every N-th configuration, from the I-th (under torchrun each "
+                                   "process takes its own shard)")
     p.add_argument("--extend", action="store_true", help="add this grid's runs to the sweep already in --out")
     p.add_argument("--report-only", action="store_true", help="merge what every shard finished into the report")
     p.add_argument("--cache-dir", help="base-factor cache shared by every run (default ~/.cache/intruder)")
@@ -306,11 +330,14 @@ def _add_sweep(commands) -> None:
 
 
 def _sweep(args) -> int:
+    from . import distributed
     from .report.sweep_page import findings, write_sweep_report
     from .study.grid import Grid, parse_alpha_rules
     from .study.runner import collect, load_grid, sweep
 
     args.kept = f"every finished run, analysis and evaluation in {args.out}"
+    if args.report_only and distributed.launched():
+        raise IntruderError("--report-only only merges files: run it in one process, without torchrun")
     if args.report_only:
         rows = collect(args.out)
     else:
@@ -321,8 +348,12 @@ def _sweep(args) -> int:
                     alphas=parse_alpha_rules(args.alphas), lrs=_split(args.lrs, float),
                     full_lrs=_split(args.full_lrs, float), epochs=args.epochs, lams=_split(args.lams, float),
                     threshold=args.threshold, top_k=args.top_k, lam_threshold=args.lam_threshold, train=shared)
-        rows = sweep(args.out, grid, shard=_shard(args.shard), extend=args.extend, cache_dir=args.cache_dir,
-                     progress=not args.quiet)
+        rows = sweep(args.out, grid, shard=_shard(args.shard) if args.shard else None, extend=args.extend,
+                     cache_dir=args.cache_dir, progress=not args.quiet)
+        rank = distributed.rank()
+        distributed.close()
+        if rank > 0:  # rank 0 writes the report
+            return 0
     page = write_sweep_report(rows, load_grid(args.out).to_dict(), args.out, command=_command_line())
     for text in findings(rows):
         print(f"- {text}")

@@ -32,26 +32,29 @@ def torch_threads(n: int | None):
 
 class Workspace:
     """Reusable buffers grown to the largest matrix: reading and converting each matrix into memory that is
-    already mapped avoids page-faulting a fresh allocation per matrix (a third of the time of a read)."""
+    already mapped avoids page-faulting a fresh allocation per matrix (a third of the time of a read).
+
+    Buffers are kept per slot, so that two matrices in flight (one being read, one computed) use their own.
+    """
 
     def __init__(self, device: torch.device, threads: int):
         self.device, self.threads = device, threads  # threads: for the base decompositions
         self.buffers: dict[int, torch.Tensor] = {}  # float64, per slot
-        self.raw: dict[torch.dtype, torch.Tensor] = {}  # read buffers, per stored dtype
+        self.raw: dict[tuple, torch.Tensor] = {}  # read buffers, per (stored dtype, slot)
 
-    def read(self, weights: Weights, name: str) -> torch.Tensor:
+    def read(self, weights: Weights, name: str, slot: int = 0) -> torch.Tensor:
         """`weights.get(name)`, into a reused buffer where the reader supports it (safetensors)."""
         if not isinstance(weights, SafetensorsWeights):
             return weights.get(name)
-        numel, dtype = math.prod(weights.shape(name)), weights.dtype(name)
-        buf = self.raw.get(dtype)
+        numel, key = math.prod(weights.shape(name)), (weights.dtype(name), slot)
+        buf = self.raw.get(key)
         if buf is None or buf.numel() < numel:
-            self.raw.pop(dtype, None)  # release the old buffer before growing
-            buf = self.raw[dtype] = torch.empty(numel, dtype=dtype)
+            self.raw.pop(key, None)  # release the old buffer before growing
+            buf = self.raw[key] = torch.empty(numel, dtype=key[0])
         return weights.get(name, out=buf)
 
     def release(self) -> None:
-        """Free every buffer (views handed out stay valid until dropped)."""
+        """Drop every buffer (views handed out stay valid until they are dropped too)."""
         self.buffers.clear()
         self.raw.clear()
 

@@ -20,16 +20,19 @@ import time
 
 import torch
 
+from ..distributed import device_for_rank
 from ..errors import IntruderError, NoCommonTensorsError
 from ..weights import Weights, open_weights
 from ._runtime import Workspace, cpu_threads
+from .parallel import analyse_shared, together_if, use_group
 from .projection import analyse_all, load, project, safe
 from .results import SIDES, IntruderReport
 from .spectra import FactorCache
 
 
 def find_intruders(base, tuned, *, threshold: float = 0.5, top_k: int = 10, side: str = "left",
-                   layers=None, device=None, cache_dir=None, progress: bool = True) -> IntruderReport:
+                   layers=None, device=None, cache_dir=None, progress: bool = True,
+                   distributed: bool | None = None) -> IntruderReport:
     """Find the intruder dimensions of every matrix that fine-tuning changed.
 
     base: the pretrained model; tuned: the fine-tuned one, or a PEFT LoRA adapter directory. Each may be
@@ -38,20 +41,35 @@ def find_intruders(base, tuned, *, threshold: float = 0.5, top_k: int = 10, side
     top_k: k, how many of the tuned matrix's top singular vectors are examined.
     side: "left" (the paper's definition), "right", or "both" (an intruder on either side).
     layers: None for every 2-D tensor present in both and changed, a regex, or a list of tensor names.
-    device: where the linear algebra runs ("cpu" default, "cuda" when available).
+    device: where the linear algebra runs ("cpu" default, "cuda" when available; under several processes,
+        "cuda" is each rank's own GPU, cuda:LOCAL_RANK).
     cache_dir: where base factors are cached (default `~/.cache/intruder`); False disables the cache.
+    distributed: None (default) splits the matrices among the ranks of an initialised torch.distributed process
+        group of several processes, if there is one (every rank must call, and gets the whole report); False
+        analyses everything in this process; True requires such a group. See `parallel.py`.
     """
     check_options(threshold, top_k, side)
-    device = check_device(device)
-    base_w = open_weights(base)
-    tuned_w = open_weights(tuned, base=base_w)
+    group = use_group(distributed)
+    with together_if(group, "opening the models"):
+        device = check_device(device_for_rank(device) if group else device)
+        base_w = open_weights(base)
+        tuned_w = open_weights(tuned, base=base_w)
+        names, unchanged = _select(base_w, tuned_w, layers)
     cache = None if cache_dir is False else FactorCache(cache_dir)
-    names, unchanged = _select(base_w, tuned_w, layers)
     start = time.perf_counter()
-    bar = _progress(len(names), progress)
-    results, skipped = analyse_all(names, base_w, tuned_w, top_k, threshold, side, device, cache, bar.update)
-    bar.close()
-    unchanged += skipped
+    try:
+        if group:
+            results, skipped, spread = analyse_shared(names, base_w, tuned_w, top_k, threshold, side, device,
+                                                      cache, progress)
+        else:
+            bar = _progress(len(names), progress)
+            results, skipped = analyse_all(names, base_w, tuned_w, top_k, threshold, side, device, cache,
+                                           bar.update)
+            bar.close()
+            spread = {}
+    finally:
+        if cache is not None:
+            cache.release()  # the lock of an entry a failed matrix did not store
     if not results:
         raise NoCommonTensorsError(
             f"no analysed matrix differs between {base_w.source} and {tuned_w.source}: "
@@ -60,7 +78,7 @@ def find_intruders(base, tuned, *, threshold: float = 0.5, top_k: int = 10, side
     meta = {"seconds": round(time.perf_counter() - start, 3), "device": str(device), "torch": torch.__version__,
             "python": platform.python_version(), "cache": None if cache is None else str(cache.directory)}
     return IntruderReport(results, threshold, top_k, side, base=base_w.source, tuned=tuned_w.source,
-                          unchanged=unchanged, meta=meta)
+                          unchanged=unchanged + skipped, meta=meta | spread)
 
 
 def check_options(threshold: float, top_k: int, side: str) -> None:

@@ -59,16 +59,16 @@ def analyse_all(names: list[str], base: Weights, tuned: Weights, k: int, thresho
     done: called with 1 after each matrix.
     """
     pending, unchanged = [], []
-    # two workspaces, one per matrix in flight; the base decompositions get all torch threads back
-    works = [Workspace(device, torch.get_num_threads()) for _ in range(2)]
+    # buffers in two slots, one per matrix in flight; the base decompositions get all torch threads back
+    work = Workspace(device, torch.get_num_threads())
     with (ThreadPoolExecutor(1, thread_name_prefix="intruder-read") as reader,
           ThreadPoolExecutor(1, thread_name_prefix="intruder-solve") as solver, cpu_threads(device)):
-        ahead = reader.submit(fetch, names[0], base, tuned, cache, works[0]) if names else None
+        ahead = reader.submit(fetch, names[0], base, tuned, cache, work, 0) if names else None
         for index, name in enumerate(names):
             fetched = ahead.result()
             if index + 1 < len(names):
-                ahead = reader.submit(fetch, names[index + 1], base, tuned, cache, works[(index + 1) % 2])
-            m = prepare(fetched, base, tuned, device, cache, works[index % 2])
+                ahead = reader.submit(fetch, names[index + 1], base, tuned, cache, work, (index + 1) % 2)
+            m = prepare(fetched, base, tuned, device, cache, work, index % 2)
             if m is None:
                 unchanged.append(name)
             elif m.update is not None:  # the products here, the eigenproblem on the solver thread
@@ -79,8 +79,7 @@ def analyse_all(names: list[str], base: Weights, tuned: Weights, k: int, thresho
             else:
                 pending.append(analyse(name, m, k, threshold, side))
             del m, fetched
-            if index % 16 == 15:
-                trim_heap()
+            trim_heap()
             if done is not None:
                 done(1)
         results = [item if isinstance(item, LayerResult) else item.result() for item in pending]
@@ -120,9 +119,10 @@ class Fetched:
     w0: torch.Tensor | None = None  # W_0 in float64, converted here when nothing is to be decomposed first
 
 
-def fetch(name: str, base: Weights, tuned: Weights, cache: FactorCache | None, work: Workspace) -> Fetched:
-    """Read one matrix and its cached base factors (no decomposition); W_0 into `work`'s buffer."""
-    raw = work.read(base, name)
+def fetch(name: str, base: Weights, tuned: Weights, cache: FactorCache | None, work: Workspace,
+          slot: int = 0) -> Fetched:
+    """Read one matrix and its cached base factors (no decomposition); W_0 into `work`'s buffers of `slot`."""
+    raw = work.read(base, name, slot)
     key = cache.key(raw, base.fingerprint(name)) if cache is not None else None
     update = tuned.low_rank_update(name)
     wt = None
@@ -132,19 +132,19 @@ def fetch(name: str, base: Weights, tuned: Weights, cache: FactorCache | None, w
         if _equal(raw, wt):
             return Fetched(name, raw, key, None, None, None, unchanged=True)
     factors = cache.load(key, tuple(raw.shape)) if cache is not None else None
-    w0 = work.f64(raw, 0) if factors is not None and work.device.type == "cpu" else None
+    w0 = work.f64(raw, 2 * slot) if factors is not None and work.device.type == "cpu" else None
     return Fetched(name, raw, key, factors, update, wt, w0=w0)
 
 
 def prepare(f: Fetched, base: Weights, tuned: Weights, device: torch.device, cache: FactorCache | None,
-            work: Workspace) -> Matrix | None:
+            work: Workspace, slot: int = 0) -> Matrix | None:
     """The fetched matrix in float64 on `device`, its base factors computed (and cached) when they were not
     in the cache; None when W_t == W_0."""
     if f.unchanged:
         return None
     name, raw, factors = f.name, f.raw, f.factors
     if factors is None:  # a cache entry exists only for a finite W_0: none is written for any other
-        work.release()  # room for the decomposition; reusing buffers matters little in a cold run
+        work.release()  # room for the decomposition (buffers in use live on); reuse matters little here
         try:
             with cpu_threads(device, work.threads):  # all threads, torch's and the BLAS's
                 factors = base_factors(raw.to(device))
@@ -152,7 +152,7 @@ def prepare(f: Fetched, base: Weights, tuned: Weights, device: torch.device, cac
             raise _non_finite(raw, name, base.source) from None
         if cache is not None:
             cache.store(f.key, tuple(raw.shape), factors)
-    w0 = f.w0 if f.w0 is not None else work.f64(raw, 0)
+    w0 = f.w0 if f.w0 is not None else work.f64(raw, 2 * slot)
     factors = factors.to(device)
     if f.update is not None:
         update = f.update
@@ -161,7 +161,7 @@ def prepare(f: Fetched, base: Weights, tuned: Weights, device: torch.device, cac
         if not bool(torch.isfinite(left).all() and torch.isfinite(right).all()):
             raise _non_finite(left @ right, name, tuned.source)
         return Matrix(w0, factors, update=LowRankUpdate(left, right))
-    wt = work.f64(f.wt, 1)
+    wt = work.f64(f.wt, 2 * slot + 1)
     if not bool(torch.isfinite(wt.sum())):
         raise _non_finite(wt, name, tuned.source)
     return Matrix(w0, factors, wt=wt)

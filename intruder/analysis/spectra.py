@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from ..errors import CorruptWeightsError, NonFiniteError
 from ..outputs import atomic_write, default_cache_dir
 from ..weights.safetensors import read_safetensors, write_safetensors
+from . import cachelock
 
 FORMAT_VERSION = "2"
 _RECOMPUTED = "this cache entry will be recomputed and replaced"
@@ -51,7 +53,7 @@ def base_factors(w: torch.Tensor) -> BaseFactors:
     gram = _small_side_gram(w)
     if not bool(torch.isfinite(gram.diagonal()).all()):
         raise NonFiniteError("the matrix holds NaN or Inf values")
-    values, vectors = torch.linalg.eigh(gram)
+    values, vectors = torch.linalg.eigh(gram, UPLO="U")
     del gram
     basis = vectors.flip(-1).contiguous()
     del vectors
@@ -93,13 +95,22 @@ def low_rank_singular_values(left: torch.Tensor, right: torch.Tensor) -> torch.T
 
 def singular_values(w: torch.Tensor) -> torch.Tensor:
     """All min(m, n) singular values of W, descending, from the float64 Gram matrix of its small side."""
-    return torch.linalg.eigvalsh(_small_side_gram(w)).flip(0).clamp_min(0).sqrt()
+    return torch.linalg.eigvalsh(_small_side_gram(w), UPLO="U").flip(0).clamp_min(0).sqrt()
 
 
 def _small_side_gram(w: torch.Tensor) -> torch.Tensor:
-    """W (m, n) -> W Wᵀ (m, m) if m <= n else Wᵀ W (n, n), in float64."""
+    """W (m, n) -> the upper triangle of W Wᵀ (m, m) if m <= n else of Wᵀ W (n, n), in float64.
+
+    On the CPU BLAS's symmetric rank-k update (dsyrk) computes only that triangle: half the multiplications
+    of a product, 1.8x faster on a 640 x 2048 matrix. Read the result with UPLO="U".
+    """
     w = w.to(torch.float64)
-    return w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    if w.device.type != "cpu":
+        return w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    from scipy.linalg import blas
+
+    a = w.contiguous().numpy().T  # a Fortran-ordered (n, m) view of W's memory, no copy
+    return torch.from_numpy(blas.dsyrk(1.0, a, trans=1 if w.shape[0] <= w.shape[1] else 0))  # (Wᵀ)ᵀWᵀ or Wᵀ W
 
 
 def tensor_digest(w: torch.Tensor) -> str:
@@ -114,23 +125,57 @@ class FactorCache:
     """Base factors on disk, keyed by the content hash of the base tensor.
 
     Entries are safetensors files written to a temporary name and renamed into place, so a reader never sees
-    a half-written entry and two processes filling the same entry both succeed. An entry that cannot be read,
+    a half-written entry. The cache may be shared by concurrent processes (the ranks of a job, on a shared file
+    system): `load` of a missing entry takes its lock file (see `cachelock`), so that exactly one process
+    computes it while the others wait for it, and `store` releases the lock. An entry that cannot be read,
     fails its checksum, or was written for another tensor is recomputed and replaced with a warning, never
     trusted. Hashing a large tensor costs about as much as reading it, so the hash of a tensor inside an
     unchanged file (same path, size, mtime, ctime and inode) is remembered in `digests/`.
+
+    stale_after: seconds after which a lock whose holder shows no sign of life is broken (`cachelock`).
     """
 
-    def __init__(self, directory: str | os.PathLike | None = None):
+    def __init__(self, directory: str | os.PathLike | None = None, *, stale_after: float = cachelock.STALE_AFTER):
         self.directory = Path(directory).expanduser() if directory is not None else default_cache_dir()
+        self.stale_after = stale_after
         self._memos: dict[str, dict[str, str]] = {}
+        self._locks: set[Path] = set()  # entry locks `load` took and `store` has not released yet
+        self._guard = threading.Lock()  # `load` may run on a reader thread, `store` on another
 
     def factors(self, w: torch.Tensor, fingerprint: str | None = None) -> BaseFactors:
         """BaseFactors of `w`, from the cache when an intact entry exists, else computed and stored."""
         key = self.key(w, fingerprint)
-        return self.load(key, tuple(w.shape)) or self.store(key, tuple(w.shape), base_factors(w))
+        found = self.load(key, tuple(w.shape))
+        if found is not None:
+            return found
+        try:
+            computed = base_factors(w)
+        except BaseException:
+            self.release()
+            raise
+        return self.store(key, tuple(w.shape), computed)
+
+    def known(self, fingerprint: str | None) -> bool:
+        """Whether an entry exists for the tensor with this `Weights.fingerprint`, as far as the cache can tell
+        without reading the tensor: False when its content hash is not remembered (or fingerprint is None)."""
+        if fingerprint is None:
+            return False
+        file, _, tensor = fingerprint.rpartition("|")
+        digest = self._memo(file).get(tensor)
+        return digest is not None and self._path(digest).exists()
+
+    def release(self) -> None:
+        """Give up every entry lock this cache took and did not store (after a failure between the two)."""
+        with self._guard:
+            locks, self._locks = self._locks, set()
+        for lock in locks:
+            cachelock.release(lock)
 
     def _path(self, key: str) -> Path:
         return self.directory / "factors" / key[:2] / f"{key}.safetensors"
+
+    def _lock_path(self, key: str) -> Path:
+        return self._path(key).with_suffix(".lock")
 
     def key(self, w: torch.Tensor, fingerprint: str | None = None) -> str:
         """The content hash of `w`; `fingerprint` (see `Weights.fingerprint`) lets an unchanged file skip it."""
@@ -163,10 +208,36 @@ class FactorCache:
         return self.directory / "digests" / f"{name}.json"
 
     def load(self, key: str, shape: tuple[int, ...]) -> BaseFactors | None:
-        """The entry for `key`, or None when there is none or it is damaged (with a warning)."""
-        path = self._path(key)
-        if not path.exists():
-            return None
+        """The entry for `key`; or None when there is none or it is damaged (with a warning): then this cache
+        holds the entry's lock, and its caller should compute the factors and `store` them (or `release`).
+
+        While another process (or another thread of this one) holds the lock, waits for its entry, polling 10 ms
+        to 0.25 s apart; a stale lock (see `cachelock`) is broken.
+        """
+        path, lock = self._path(key), self._lock_path(key)
+        waiter, damaged = None, None  # damaged: the stat of an entry found damaged, not to be read again
+        while True:
+            seen = _stat(path)
+            if seen is not None and seen != damaged:
+                found = self._read(key, shape, path)
+                if found is not None:
+                    return found
+                damaged = seen
+            if cachelock.acquire(lock):
+                if seen is None and path.exists():  # written between our look and our lock
+                    cachelock.release(lock)
+                    continue
+                with self._guard:
+                    self._locks.add(lock)
+                return None
+            waiter = waiter or cachelock.Waiter(lock, self.stale_after)
+            if waiter.stale():
+                waiter.break_lock()
+            else:
+                waiter.sleep()
+
+    def _read(self, key: str, shape: tuple[int, ...], path: Path) -> BaseFactors | None:
+        """The entry at `path`, or None when it is damaged (with a warning)."""
         try:
             tensors, meta = read_safetensors(path, advice=_RECOMPUTED)
             basis, sigma = tensors["basis"], tensors["sigma"].clone()  # sigma outlives the file buffer
@@ -180,11 +251,12 @@ class FactorCache:
                 return BaseFactors(basis, sigma, meta["left"] == "1")
             problem = f"cache entry {path} is {problem}; {_RECOMPUTED}"
         warnings.warn(f"{problem} (to clear the whole cache, delete {self.directory})", RuntimeWarning,
-                      stacklevel=2)
+                      stacklevel=3)
         return None
 
     def store(self, key: str, shape: tuple[int, ...], factors: BaseFactors) -> BaseFactors:
-        """Write an entry atomically (a warning, not an error, when the cache is not writable)."""
+        """Write an entry atomically (a warning, not an error, when the cache is not writable), then release
+        its lock."""
         path = self._path(key)
         basis, sigma = factors.basis.cpu().contiguous(), factors.sigma.cpu().contiguous()
         meta = {
@@ -199,7 +271,20 @@ class FactorCache:
         except OSError as exc:
             warnings.warn(f"cannot write the factor cache at {path} ({exc}); continuing without it",
                           RuntimeWarning, stacklevel=2)
+        finally:
+            with self._guard:
+                self._locks.discard(self._lock_path(key))
+            cachelock.release(self._lock_path(key))
         return factors
+
+
+def _stat(path: Path):
+    """(inode, mtime, size) of `path`, None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _check_entry(meta: dict, key: str, shape: tuple[int, ...], basis, sigma) -> str | None:

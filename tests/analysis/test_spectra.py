@@ -119,29 +119,53 @@ def test_an_unwritable_cache_warns_and_goes_on(tmp_path):
     assert factors.sigma.shape == (10,)
 
 
-def _fill(directory, seed, queue):
+def _store_together(directory, barrier, queue):
+    """Store the entry of one tensor, holding the rename until the other process has written its file too."""
+    warnings.simplefilter("error")  # "cannot write the factor cache" would only warn: here it fails the process
+    real = spectra.write_safetensors
+
+    def write_then_wait(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        queue.put(("written", str(path)))
+        barrier.wait(timeout=60)  # both files are written, neither is renamed into place yet
+
+    spectra.write_safetensors = write_then_wait
     torch.manual_seed(123)
     w = torch.randn(300, 200)
-    f = FactorCache(directory).factors(w)
-    queue.put(float(f.sigma.sum()))
+    factors = base_factors(w)
+    FactorCache(directory).store(tensor_digest(w), tuple(w.shape), factors)
+    queue.put(("sigma", float(factors.sigma.sum())))
 
 
-def test_two_processes_filling_the_same_entry(tmp_path):
+def test_two_processes_writing_the_same_entry_at_the_same_time(tmp_path):
+    """Both write at once (as two processes that break a stale lock together may): both succeed, each through its
+    own temporary file, and the entry left is whole."""
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_fill, args=(tmp_path, i, queue)) for i in range(2)]
+    queue, barrier = ctx.Queue(), ctx.Barrier(2)
+    procs = [ctx.Process(target=_store_together, args=(tmp_path, barrier, queue)) for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    a, b = queue.get(timeout=5), queue.get(timeout=5)
-    assert a == pytest.approx(b)
-    assert not list(tmp_path.rglob("*.tmp"))
+        p.join(180)
+        assert p.exitcode == 0  # a broken barrier (one process skipped its write) or a warning exits non-zero
+    messages = [queue.get(timeout=5) for _ in range(4)]
+    written = [path for kind, path in messages if kind == "written"]
+    sigmas = [value for kind, value in messages if kind == "sigma"]
+    assert len(written) == 2 and written[0] != written[1]  # each its own temporary file, side by side
+    assert sigmas[0] == sigmas[1]
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".safetensors"]  # no leftovers
     torch.manual_seed(123)
+    w = torch.randn(300, 200)
+    (entry_path,) = (tmp_path / "factors").rglob("*.safetensors")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert float(FactorCache(tmp_path).factors(torch.randn(300, 200)).sigma.sum()) == pytest.approx(a)
+        warnings.simplefilter("error")  # the entry is intact: read without a warning
+        cached = FactorCache(tmp_path).load(tensor_digest(w), tuple(w.shape))
+    fresh = base_factors(w)
+    assert cached is not None and cached.left == fresh.left
+    torch.testing.assert_close(cached.sigma, fresh.sigma, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close((cached.basis.T @ fresh.basis).abs().diagonal(), torch.ones(200, dtype=torch.float64))
+    assert float(cached.sigma.sum()) == pytest.approx(sigmas[0])
+    assert entry_path.name == f"{tensor_digest(w)}.safetensors"
 
 
 def test_digest_memo_follows_file_changes(tmp_path):
