@@ -144,10 +144,12 @@ def _peft(base: Path, adapter: Path) -> tuple[dict[str, int], float]:
         reduce_intruder_dimension(model, top_k=10, threshold_epsilon=0.5, logging_sink=lines.append)
     seconds = time.perf_counter() - start
     counts = {}
-    for line in lines:
-        module, _, message = line.rpartition(": ")
-        if module and ("Intruders" in message or "No intruders" in message):
-            counts[module] = int(message.split(":")[-1]) if message.startswith("Intruders") else 0
+    for line in lines:  # "<module>: Intruders: 3" or "<module>: No intruders"
+        module, _, message = line.partition(": ")
+        if message.startswith("Intruders:"):
+            counts[module] = int(message.split(":")[1])
+        elif message.startswith("No intruders"):
+            counts[module] = 0
     return counts, seconds
 
 
