@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -91,3 +92,28 @@ def tiny_lm(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     return build_tiny_lm(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
+
+
+def brute_force_cosines(w0: torch.Tensor, wt: torch.Tensor, k: int = 10):
+    """The paper's algorithm by brute force, every cosine kept: two full float64 SVDs of W_0 and W_t (m, n) ->
+    |cos| of the top-k tuned left vectors with every base left vector (k, p), the same for right vectors
+    (k, p), and the tuned singular values (k,); p = min(m, n), base vectors in descending σ."""
+    u0, _, v0h = torch.linalg.svd(w0.to(torch.float64), full_matrices=False)
+    ut, st, vth = torch.linalg.svd(wt.to(torch.float64), full_matrices=False)
+    return (ut[:, :k].T @ u0).abs().numpy(), (vth[:k] @ v0h.T).abs().numpy(), st[:k].numpy()
+
+
+def assert_cosines_match(layer, w0: torch.Tensor, wt: torch.Tensor, *, rows=None, atol: float = 1e-8):
+    """Every cosine a LayerResult stores against the brute force: max_cos_left/right, best_match_left/right
+    (the index must attain the maximum, ties allowed) and `similarity` (the analysed side's |cos| with the
+    first base vectors). rows: the tuned vectors to check (default all); leave out near-degenerate ones."""
+    left, right, _ = brute_force_cosines(w0, wt, len(layer.max_cos_left))
+    rows = np.arange(left.shape[0]) if rows is None else np.asarray(rows)
+    for cos, max_cos, best in ((left, layer.max_cos_left, layer.best_match_left),
+                               (right, layer.max_cos_right, layer.best_match_right)):
+        np.testing.assert_allclose(max_cos[rows], cos[rows].max(axis=1), atol=atol)
+        np.testing.assert_allclose(cos[rows, best[rows]], cos[rows].max(axis=1), atol=atol)  # best attains it
+    shown = right if layer.side == "right" else left
+    width = layer.similarity.shape[1]
+    assert width == min(128, shown.shape[1])
+    np.testing.assert_allclose(layer.similarity[rows], shown[rows, :width], atol=max(atol, 1e-6))

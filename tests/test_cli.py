@@ -4,7 +4,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,13 +47,76 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     assert main(["analyze", str(base), str(tuned), "--out", str(tmp_path / "r.txt")]) == 2
 
 
-def test_console_script_runs(tmp_path):
+def test_the_installed_console_script_runs(tmp_path):
+    """`intruder`, the command pip installed next to this Python (not `python -m intruder.cli`), end to end."""
+    script = Path(sys.executable).parent / ("intruder.exe" if os.name == "nt" else "intruder")
+    assert script.is_file(), f"no console script at {script}: install the package (pip install -e '.[test]')"
     base, tuned = models(tmp_path)
-    done = subprocess.run([sys.executable, "-m", "intruder.cli", "analyze", str(base), str(tuned), "--quiet"],
+    done = subprocess.run([str(script), "analyze", str(base), str(tuned), "--quiet", "--out", str(tmp_path / "r.json")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "total: 2 intruders" in done.stdout
-    assert torch.__version__  # the subprocess imported the same environment
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["name", "shape", "intr", "min", "cos", "ΔW", "erank", "indices"]
+    row = lines[1].split()
+    assert row[:3] == ["model.layers.0.mlp.up_proj.weight", "48x64", "2"] and row[-2:] == ["0", "1"]
+    assert float(row[3]) == pytest.approx(0.25, abs=1e-3)  # the planted intruders' max |cos|
+    assert lines[2] == "total: 2 intruders in 1 matrices (k=10, ε=0.5, side=left)"
+    assert lines[3] == f"wrote {tmp_path / 'r.json'}"
+    assert json.loads((tmp_path / "r.json").read_text())["total"] == 2
+    failed = subprocess.run([str(script), "analyze", str(tmp_path / "missing"), str(tuned)], capture_output=True,
+                            text=True, timeout=120)
+    assert failed.returncode == 2 and failed.stderr.startswith("intruder: error: ") and not failed.stdout
+
+
+def test_device_cache_dir_and_no_cache(tmp_path, monkeypatch, capsys):
+    import intruder.analysis.projection as projection
+    import intruder.analysis.spectra as spectra
+
+    base, tuned = models(tmp_path)
+    default_cache = Path(os.environ["INTRUDER_CACHE"])
+    decompositions, real = [], spectra.base_factors
+
+    def counted(w):
+        decompositions.append(tuple(w.shape))
+        return real(w)
+
+    monkeypatch.setattr(spectra, "base_factors", counted)
+    monkeypatch.setattr(projection, "base_factors", counted)
+
+    def analyze(*options) -> dict:
+        out = tmp_path / "r.json"
+        assert main(["analyze", str(base), str(tuned), "--quiet", "--out", str(out), *options]) == 0
+        assert "total: 2 intruders" in capsys.readouterr().out
+        return json.loads(out.read_text())
+
+    mine = tmp_path / "my-cache"
+    first = analyze("--cache-dir", str(mine), "--device", "cpu")
+    assert first["meta"]["device"] == "cpu" and first["meta"]["cache"] == str(mine)
+    assert len(list((mine / "factors").rglob("*.safetensors"))) == 1 and len(decompositions) == 1
+    assert not default_cache.exists() or not list(default_cache.rglob("*.safetensors"))  # nothing elsewhere
+    again = analyze("--cache-dir", str(mine))
+    assert len(decompositions) == 1  # the entry in --cache-dir was read: no decomposition
+    assert again["layers"][0]["max_cos_left"] == first["layers"][0]["max_cos_left"]
+    no_cache = analyze("--no-cache", "--cache-dir", str(tmp_path / "unused"))
+    assert len(decompositions) == 2 and no_cache["meta"]["cache"] is None  # the warm entry was not read...
+    assert not (tmp_path / "unused").exists()  # ...and nothing was written
+    assert not default_cache.exists() or not list(default_cache.rglob("*.safetensors"))
+    analyze()  # neither option: the default cache ($INTRUDER_CACHE here)
+    assert len(list((default_cache / "factors").rglob("*.safetensors"))) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_cuda_gives_the_cpu_answer(tmp_path, capsys):
+    base, tuned = models(tmp_path)
+    results = {}
+    for device in ("cpu", "cuda"):
+        assert main(["analyze", str(base), str(tuned), "--quiet", "--no-cache", "--device", device,
+                     "--out", str(tmp_path / f"{device}.json")]) == 0
+        results[device] = json.loads((tmp_path / f"{device}.json").read_text())
+    assert results["cuda"]["meta"]["device"].startswith("cuda")
+    assert results["cuda"]["total"] == results["cpu"]["total"] == 2
+    for key in ("max_cos_left", "max_cos_right", "singular_values"):
+        np.testing.assert_allclose(results["cuda"]["layers"][0][key], results["cpu"]["layers"][0][key], atol=1e-8)
 
 
 def _must_not_run(*args, **kwargs):

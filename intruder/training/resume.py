@@ -63,7 +63,7 @@ def save_state(out: Path, epoch: int, step: int, optimizer, schedule, metrics: P
 
 def load_state(out: Path) -> dict:
     try:
-        return torch.load(out / "state.pt", weights_only=False, map_location="cpu")
+        return torch.load(out / "state.pt", weights_only=True, map_location="cpu")  # tensors and plain values
     except Exception as exc:  # a state file we wrote ourselves; anything else is damage
         raise IntruderError(f"{out / 'state.pt'} cannot be read ({exc}); start the run afresh with --overwrite"
                             ) from exc

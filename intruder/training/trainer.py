@@ -108,11 +108,12 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         for epoch in range(start_epoch, config.epochs):
             model.train()
             for batches in _epoch_batches(examples, config, epoch, config.batch_size * ranks.size):
+                lr = schedule.get_last_lr()[0]  # the lr this step uses (the step advances the schedule)
                 loss, tokens, seconds = _optimizer_step(net, batches, trainable, optimizer, schedule, config, pad,
                                                         autocast, ranks)
                 step += 1
                 record = {"kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss,
-                          "lr": schedule.get_last_lr()[0], "tokens_per_s": tokens / seconds,
+                          "lr": lr, "tokens_per_s": tokens / seconds,
                           "elapsed_s": round(time.perf_counter() - started, 3)}
                 _log(metrics, record)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")

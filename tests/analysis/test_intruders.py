@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from intruder import IntruderError, effective_rank, find_intruders
+from intruder import IntruderError, IntruderReport, effective_rank, find_intruders
 from intruder.analysis._reference import brute_force
-from intruder.synthetic import planted
+from intruder.synthetic import _hadamard, planted
 from intruder.weights import LowRankUpdate, StateDictWeights
+from tests.conftest import assert_cosines_match
 
 
 class LowRankTuned(StateDictWeights):
@@ -48,6 +49,7 @@ def test_planted_intruders_are_found_exactly(shape, structured, rank):
         np.testing.assert_allclose(layer.singular_values[:4], [30, 29, 28, 10], rtol=1e-12)
         ref, sigma = brute_force(w0, wt, 10, "right" if side == "right" else "left")
         np.testing.assert_allclose(layer.max_cos, ref.numpy(), atol=1e-9)
+        assert_cosines_match(layer, w0, wt, atol=1e-9)  # both sides, best matches, similarity
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -82,6 +84,79 @@ def test_dense_full_fine_tuning_update_matches_brute_force():
     delta_sigma = torch.linalg.svdvals(wt - w0).numpy()
     assert layer.delta_effective_rank == pytest.approx(effective_rank(delta_sigma), rel=1e-9)
     assert layer.delta_effective_rank > 150  # a full-rank update
+    gap = np.abs(np.diff(sigma.numpy())) / sigma.numpy()[0]
+    clear = np.flatnonzero(np.r_[gap > 1e-3, True] & np.r_[True, gap > 1e-3])  # a clear spectral gap
+    assert len(clear) >= 5
+    assert_cosines_match(layer, w0, wt, rows=clear, atol=1e-6)
+
+
+def test_dense_update_cosines_reach_base_vectors_past_the_first_128():
+    """A full fine-tune that lifts weak base directions (numbers 150, 200 and 250 of 280) to the top: each such
+    tuned vector is an old direction (max |cos| near 1, best match past 128), not an intruder."""
+    g = torch.Generator().manual_seed(4)
+    m, n = 320, 280
+    u, _ = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    s = 10 * torch.arange(1, n + 1, dtype=torch.float64) ** -0.5  # gaps between the top values
+    w0 = (u * s) @ v.T
+    lifted = {150: 12.0, 200: 8.0, 250: 6.5}  # tuned σ between the base's 10, 7.07, 5.77, ...
+    wt = w0 + 0.02 * torch.randn(m, n, generator=g, dtype=torch.float64) / n**0.5  # dense, full rank
+    for i, sigma in lifted.items():
+        wt += (sigma - s[i]) * torch.outer(u[:, i], v[:, i])
+    layer = analyse(w0, wt)
+    assert layer.update == "dense" and layer.n_intruders == 0
+    assert layer.best_match_left[[0, 2, 4]].tolist() == list(lifted)
+    assert layer.best_match_right[[0, 2, 4]].tolist() == list(lifted)
+    assert layer.max_cos_left[[0, 2, 4]].min() > 0.99
+    assert_cosines_match(layer, w0, wt, atol=1e-7)
+
+
+def one_sided(m: int, n: int, *, left_new: int, right_new: int, seed: int = 0):
+    """W_0 (m, n) and W_t whose top tuned vectors are new on one side only.
+
+    Two blocks of 16 of W_0's weakest singular pairs: block A's left vectors are rotated by H/4 (a Hadamard
+    matrix, every entry ±1/4) and its right vectors kept, block B the other way round; the first `left_new` of
+    block A and `right_new` of block B are lifted to σ = 30, 29, ... So tuned vectors 0..left_new-1 have left
+    max |cos| 1/4 and right max |cos| 1; the next `right_new` the reverse; every other top vector is W_0's own.
+    Returns (w0, wt, left (m, 32), right (32, n), the base indices of block A and of block B), ΔW = left @ right.
+    """
+    g = torch.Generator().manual_seed(seed)
+    p = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, p, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, p, generator=g, dtype=torch.float64))
+    s = torch.linspace(10, 1, p, dtype=torch.float64)
+    w0 = (u * s) @ v.T
+    h = _hadamard(16) / 4
+    a, b = torch.arange(p - 16, p), torch.arange(p - 32, p - 16)
+    lifts = torch.arange(30, 30 - left_new - right_new, -1, dtype=torch.float64)
+    ta, tb = s[a].clone(), s[b].clone()
+    ta[:left_new], tb[:right_new] = lifts[:left_new], lifts[left_new:]
+    core_a = h @ torch.diag(ta) - torch.diag(s[a])  # U_a (H diag(t_a)) V_aᵀ: left rotated, right kept
+    core_b = torch.diag(tb) @ h.T - torch.diag(s[b])  # U_b (diag(t_b) Hᵀ) V_bᵀ: right rotated, left kept
+    left = torch.cat([u[:, a] @ core_a, u[:, b] @ core_b], dim=1)
+    right = torch.cat([v[:, a].T, v[:, b].T], dim=0)
+    return w0, w0 + left @ right, left, right, a, b
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (48, 64), (300, 420)])
+@pytest.mark.parametrize("structured", [True, False], ids=["low-rank", "dense"])
+def test_left_and_right_sides_can_disagree_and_both_flags_either(shape, structured):
+    w0, wt, left, right, a, b = one_sided(*shape, left_new=2, right_new=1)
+    expected = {"left": [0, 1], "right": [2], "both": [0, 1, 2]}
+    for side, indices in expected.items():
+        layer = analyse(w0, wt, (left, right) if structured else None, side=side)
+        assert layer.indices == indices and layer.n_intruders == len(indices), side
+        np.testing.assert_allclose(layer.max_cos_left, [0.25, 0.25] + [1.0] * 8, atol=1e-9)
+        np.testing.assert_allclose(layer.max_cos_right, [1.0, 1.0, 0.25] + [1.0] * 7, atol=1e-9)
+        assert layer.best_match_right[:2].tolist() == a[:2].tolist()  # new on the left, old on the right
+        assert layer.best_match_left[2] == b[0]  # and the other way round
+        assert_cosines_match(layer, w0, wt, atol=1e-9)
+        report = IntruderReport([layer], 0.5, 10, side)
+        # a recount on another side reads that side's stored cosines, whichever side was analysed
+        assert report.counts_at([0.5], side="left") == {0.5: 2}
+        assert report.counts_at([0.5], side="right") == {0.5: 1}
+        assert report.counts_at([0.5], side="both") == {0.5: 3}
+        assert report.counts_at([0.2, 0.3]) == {0.2: 0, 0.3: len(indices)}
 
 
 def test_delta_metrics_of_a_lora_update():

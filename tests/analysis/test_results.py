@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from intruder import IntruderReport, find_intruders
+from intruder.analysis.results import LayerResult
 from intruder.synthetic import planted
 
 
@@ -63,7 +64,8 @@ def test_sides_recount_without_recomputation(report):
 
 
 def test_pandas(report):
-    pd = pytest.importorskip("pandas")
+    import pandas as pd  # in the `test` extra: a missing pandas fails here rather than skipping
+
     frame = report.to_pandas()
     assert isinstance(frame, pd.DataFrame) and frame["n_intruders"].sum() == 3
 
@@ -78,3 +80,40 @@ def test_both_sides_flags_either():
     w0 = torch.randn(30, 40, dtype=torch.float64)
     report = find_intruders({"w": w0}, {"w": w0 * 2}, side="both", progress=False)
     assert report.total == 0  # a rescaled matrix keeps every direction
+
+
+def layer_with(left, right, *, threshold=0.5, side="left") -> LayerResult:
+    """A LayerResult holding exactly the cosines given: what the counts decide from, and nothing else."""
+    left, right = np.asarray(left, dtype=np.float64), np.asarray(right, dtype=np.float64)
+    k = len(left)
+    return LayerResult(name="model.layers.0.mlp.up_proj.weight", shape=(64, 32), threshold=threshold, side=side,
+                       update="low-rank", singular_values=np.linspace(3, 1, k), max_cos_left=left,
+                       max_cos_right=right, best_match_left=np.arange(k), best_match_right=np.arange(k),
+                       similarity=np.zeros((k, 4), dtype=np.float32), base_singular_values=np.ones(32),
+                       delta_singular_values=np.ones(2))
+
+
+BELOW = np.nextafter(0.5, 0)  # the largest double below 0.5
+
+
+def test_a_cosine_exactly_at_the_threshold_is_not_an_intruder():
+    # y_j is an intruder when max |cos| < ε, strictly: 0.5 at ε = 0.5 is not one, the double just below is
+    layer = layer_with([0.5, BELOW, np.nextafter(0.5, 1), 0.9], [0.5, 0.5, BELOW, 0.9])
+    assert layer.indices == [1] and layer.n_intruders == 1
+    assert layer.count_at(0.5) == 1 and layer.count_at(0.5, side="right") == 1
+    assert layer.count_at(0.5, side="both") == 2  # rows 1 and 2, each below on one side
+    assert layer_with(layer.max_cos_left, layer.max_cos_right, side="right").indices == [2]
+    assert layer_with(layer.max_cos_left, layer.max_cos_right, side="both").indices == [1, 2]
+    report = IntruderReport([layer], 0.5, 4, "left")
+    assert report.total == 1 and report.counts_at([0.5, np.nextafter(0.5, 1), 0.9]) == {
+        0.5: 1, float(np.nextafter(0.5, 1)): 2, 0.9: 3}
+    assert report.to_rows()[0]["n_intruders"] == 1 and report.to_rows()[0]["indices"] == "1"
+    back = IntruderReport.from_json(report.to_json())  # the stored cosines decide the same way after a round trip
+    assert back.total == 1 and back.layers[0].indices == [1]
+
+
+def test_at_threshold_one_only_cosines_below_one_count():
+    layer = layer_with([1.0, np.nextafter(1.0, 0), 1.0, 0.25], [1.0, 1.0, 1.0, 1.0], threshold=1.0)
+    assert layer.indices == [1, 3] and layer.n_intruders == 2
+    assert layer.count_at(1.0, side="right") == 0 and layer.count_at(1.0, side="both") == 2
+    assert IntruderReport([layer], 1.0, 4, "left").counts_at([1.0]) == {1.0: 2}

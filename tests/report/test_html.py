@@ -328,3 +328,80 @@ def test_cli_report_refuses_an_out_it_cannot_write_before_analysing(run, tmp_pat
     assert main(["report", str(run), "--out", str(tmp_path / "new"), "--quiet"]) == 2
     assert "no permission to write in" in capsys.readouterr().err
     assert (tmp_path / "notes").read_text() == "mine" and not (tmp_path / "new").exists()
+
+
+def _analyses(out) -> dict:
+    """{file name: the saved analysis without its timing}: what a report's numbers come from."""
+    found = {}
+    for path in sorted((out / "analysis").glob("*.json")):
+        data = json.loads(path.read_text())
+        data["meta"].pop("seconds", None)
+        found[path.name] = data
+    return found
+
+
+def test_the_command_in_the_report_rebuilds_it(run, saved, tmp_path, capsys):
+    import shlex
+
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="analysed with different settings"):  # the saved report keeps its own
+        write_report([run, saved], out, labels=["a run", "saved r8"], threshold=0.3, top_k=5, side="both",
+                     layers=r"q_proj|up_proj", every_epoch=False, formats=("png", "pdf"), cache_dir=False)
+    markdown = (out / "report.md").read_text()
+    (command,) = [line for line in markdown.splitlines() if line.startswith("intruder report ")]
+    assert command in (out / "report.html").read_text().replace("&#x27;", "'").replace("&quot;", '"')
+    words = shlex.split(command)
+    assert words[words.index("--out") + 1] == str(out)
+    first = _analyses(out)
+    assert {layer["name"].split(".")[-2] for layer in first["a-run.json"]["layers"]} == {"q_proj", "up_proj"}
+    assert first["a-run.json"]["side"] == "both" and first["a-run.json"]["top_k"] == 5
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    shutil.rmtree(out)
+    assert main(words[1:] + ["--quiet", "--no-cache"]) == 0  # the command as printed, run from the shell's CLI
+    capsys.readouterr()
+    assert _analyses(out) == first  # the same settings: every analysis again, value for value
+    assert sorted(p.name for p in (out / "figures").iterdir()) == figures
+    again = (out / "report.md").read_text()
+    timing = re.compile(r"written \d{4}-\d\d-\d\d \d\d:\d\d UTC|seconds \| [0-9.]+ \|")  # only times differ
+    assert timing.sub("", again) == timing.sub("", markdown)
+
+
+def test_report_on_a_full_fine_tuning_run(tiny_lm, tmp_path):
+    """A report of a fully fine-tuned run of the real trainer: every epoch's dense update analysed as
+    `find_intruders` analyses it, with cosines as the brute force gives them."""
+    import torch
+
+    from intruder import open_weights
+    from intruder.training.data import load_mcq
+    from intruder.training.trainer import TrainConfig, train
+    from tests.conftest import assert_cosines_match
+
+    rows = [q.to_row() | {"split": "train" if i < 8 else "test"} for i, q in enumerate(load_mcq("sample")[:10])]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    run = tmp_path / "full-run"
+    train(TrainConfig(out=str(run), model=str(tiny_lm), data=str(data), method="full", epochs=2, batch_size=4,
+                      lr=2e-3, context=False, max_length=192, forget_texts=2), progress=False)
+    page = write_report([run], tmp_path / "out", progress=False, formats=("png",))
+    analyses = {name: IntruderReport.from_json(tmp_path / "out" / "analysis" / name)
+                for name in ("full-run-epoch-01.json", "full-run-epoch-02.json")}
+    for epoch, report in zip((1, 2), analyses.values()):
+        assert len(report.layers) == 14 and {layer.update for layer in report.layers} == {"dense"}
+        direct = find_intruders(tiny_lm, run / f"epoch-{epoch:02d}", cache_dir=False, progress=False)
+        assert [lr.name for lr in report.layers] == [lr.name for lr in direct.layers]
+        for mine, theirs in zip(report.layers, direct.layers):
+            np.testing.assert_allclose(mine.max_cos_left, theirs.max_cos_left, atol=1e-9)
+            assert mine.n_intruders == theirs.n_intruders
+    with open_weights(tiny_lm) as base, open_weights(run / "epoch-02") as tuned:
+        for layer in analyses["full-run-epoch-02.json"].layers:
+            w0, wt = base.get(layer.name).double(), tuned.get(layer.name).double()
+            sigma = torch.linalg.svdvals(wt)[: len(layer.singular_values)].numpy()
+            gap = np.abs(np.diff(sigma)) / sigma[0]
+            clear = np.flatnonzero(np.r_[gap > 1e-3, True] & np.r_[True, gap > 1e-3])
+            assert_cosines_match(layer, w0, wt, rows=clear, atol=1e-6)
+            np.testing.assert_allclose(layer.delta_singular_values[:5], torch.linalg.svdvals(wt - w0)[:5], rtol=1e-6)
+    markdown = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "full fine-tuning, 2 epochs, lr 0.002" in markdown and "| dense |" in markdown
+    figures = {p.name for p in (tmp_path / "out" / "figures").glob("*.png")}
+    assert {"full-run-training.png", "full-run-intruders-by-epoch.png", "full-run-effective-rank.png"} <= figures
+    assert "data:image/png;base64," in page.read_text(encoding="utf-8")

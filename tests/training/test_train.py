@@ -1,4 +1,5 @@
 import json
+import math
 import re
 
 import pytest
@@ -318,3 +319,179 @@ def test_a_max_length_that_cuts_the_options_is_refused_and_truncation_is_said(ti
     assert summary["checkpoints"] == ["epoch-01"]
     with pytest.raises(IntruderError, match=rf"use max_length >= {need} "):
         train(_config(tiny_lm, tmp_path / "short", max_length=need - 1), progress=False)
+
+
+# ---- what the optimizer does, step by step, against values computed by hand ------------------------------------
+
+
+@pytest.fixture
+def optimizer_steps():
+    """Every optimizer step taken while the test runs: the lr and weight decay it used, each parameter before and
+    after it, and the gradient it was given (after accumulation and clipping)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    steps = []
+
+    def before(optimizer, args, kwargs):
+        (group,) = optimizer.param_groups
+        steps.append({"lr": group["lr"], "weight_decay": group["weight_decay"], "eps": group["eps"],
+                      "before": [p.detach().clone() for p in group["params"]],
+                      "grad": [p.grad.detach().clone() for p in group["params"]]})
+
+    def after(optimizer, args, kwargs):
+        steps[-1]["after"] = [p.detach().clone() for p in optimizer.param_groups[0]["params"]]
+
+    handles = [register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after)]
+    yield steps
+    for handle in handles:
+        handle.remove()
+
+
+def _questions_file(path, n_train: int, n_test: int = 2):
+    """A data file of the first bundled questions with an explicit split: n_train to train on, n_test held out."""
+    rows = [q.to_row() | {"split": "train" if i < n_train else "test"}
+            for i, q in enumerate(load_mcq("sample")[:n_train + n_test])]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _letter_gradients(model, tokenizer, questions, trainable):
+    """Per question, by hand: the gradient of its answer letter's cross-entropy, from the model run on its prompt
+    alone (no padding, no batching); and the losses. -> ([per question: [grad per parameter]], [loss])."""
+    from intruder.training.evaluate import encode_prompts, letter_token_ids
+
+    letters = letter_token_ids(tokenizer)
+    prompts = encode_prompts(tokenizer, [q.prompt(context=False) for q in questions], 192)
+    grads, losses = [], []
+    for prompt, q in zip(prompts, questions):
+        model.zero_grad(set_to_none=True)
+        logits = model(torch.tensor([prompt])).logits[0, -1]
+        loss = torch.nn.functional.cross_entropy(logits[None].double(), torch.tensor([letters[q.answer_index]]))
+        loss.backward()
+        grads.append([p.grad.double().clone() for p in trainable])
+        losses.append(loss.item())
+    return grads, losses
+
+
+@pytest.mark.parametrize("batch_size, grad_accum", [(3, 2), (2, 3)], ids=["3+2", "2+2+1"])
+def test_gradient_accumulation_weights_every_question_alike_over_unequal_micro_batches(
+        tiny_lm, tmp_path, optimizer_steps, batch_size, grad_accum):
+    """Five questions in one optimizer step, as micro-batches of unequal size: the accumulated gradient is that of
+    the mean loss over the five questions (each weighs 1/5), computed by hand, not the mean of micro-batch means."""
+    from itertools import combinations
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = _questions_file(tmp_path / "data.jsonl", n_train=5)
+    summary = train(_config(tiny_lm, tmp_path / "run", data=str(data), method="full", epochs=1, lr=1e-3,
+                            batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=1e9, forget_texts=1,
+                            eval_before=False), progress=False)
+    assert summary["steps"] == 1 and len(optimizer_steps) == 1
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32)
+    head = model.get_output_embeddings()
+    trainable = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    grads, losses = _letter_gradients(model, AutoTokenizer.from_pretrained(tiny_lm), load_mcq(data, split="train"),
+                                      trainable)
+    expected = [sum(g[i] for g in grads) / 5 for i in range(len(trainable))]  # every question weighs 1/5
+    seen = optimizer_steps[0]["grad"]
+    assert [tuple(g.shape) for g in seen] == [tuple(p.shape) for p in trainable]
+    scale = max(float(e.abs().max()) for e in expected)
+    for got, want in zip(seen, expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * scale)
+    # the test tells the weightings apart: for any split of the five into micro-batches of these sizes, the mean of
+    # the micro-batches' mean gradients is far from the mean over questions
+    sizes = [batch_size] * (5 // batch_size) + ([5 % batch_size] if 5 % batch_size else [])
+    for first in combinations(range(5), sizes[0]):
+        rest = [i for i in range(5) if i not in first]
+        parts = [list(first), rest[:sizes[1]], rest[sizes[1]:]][:len(sizes)]
+        per_batch = [sum(sum(grads[j][i] for j in part) / len(part) for part in parts) / len(parts)
+                     for i in range(len(trainable))]
+        assert max(float((a - b).abs().max()) for a, b in zip(per_batch, expected)) > 1e-2 * scale
+    (record,) = _records(tmp_path / "run", "train")
+    assert record["loss"] == pytest.approx(sum(losses) / 5, rel=1e-4)  # the mean over questions, too
+
+
+def test_cli_full_fine_tuning_step_is_adamw_by_hand(tiny_lm, tmp_path, optimizer_steps, capsys):
+    """One optimizer step of `intruder train --method full --train-embeddings --weight-decay --max-grad-norm` with
+    the default learning rate: every parameter moves exactly as AdamW's first step says, computed here by hand,
+    p' = p (1 − lr·wd) − lr · g / (|g| + eps), with g the gradient clipped to the given norm."""
+    from intruder.training.config import DEFAULT_LR
+
+    data = _questions_file(tmp_path / "data.jsonl", n_train=6)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_lm), "--data", str(data), "--out", str(out), "--method", "full",
+                 "--train-embeddings", "--weight-decay", "0.5", "--max-grad-norm", "0.05", "--epochs", "1",
+                 "--batch-size", "8", "--no-context", "--max-length", "192", "--forget-texts", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    config = json.loads((out / "config.json").read_text())
+    assert config["lr"] == DEFAULT_LR["full"] == 2e-5 and config["weight_decay"] == 0.5
+    assert config["max_grad_norm"] == 0.05 and config["train_embeddings"] is True
+    (step,) = optimizer_steps
+    assert step["lr"] == 2e-5 and step["weight_decay"] == 0.5  # one step: no warm-up, the peak lr
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in step["grad"]]))
+    assert float(norm) == pytest.approx(0.05, rel=1e-4)  # clipped to --max-grad-norm (the raw norm is larger)
+    vocab = json.loads((tiny_lm / "config.json").read_text())["vocab_size"]
+    assert (vocab, 32) in [tuple(p.shape) for p in step["before"]]  # the (tied) embedding is trained
+    lr, wd, eps = 2e-5, 0.5, step["eps"]
+    for p, g, new in zip(step["before"], step["grad"], step["after"]):
+        p, g = p.double(), g.double()
+        expected = p * (1 - lr * wd) - lr * g / (g.abs() + eps)
+        torch.testing.assert_close(new.double(), expected, rtol=1e-6, atol=1e-9)
+    base, tuned = open_weights(tiny_lm), open_weights(out / "epoch-01")
+    assert not torch.equal(base.get("model.embed_tokens.weight"), tuned.get("model.embed_tokens.weight"))
+
+
+def _multiplier(schedule: str, warmup_fraction: float, total: int, step: int) -> float:
+    """The documented schedule, written out: a linear warm-up over round(warmup · total) steps to the peak lr (step
+    i of the warm-up at (i + 1) / (warmup + 1)), then cosine or linear decay towards 0 at the end, or constant."""
+    warmup = round(warmup_fraction * total)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    done = (step - warmup) / max(1, total - warmup)
+    return (1 + math.cos(math.pi * done)) / 2 if schedule == "cosine" else 1 - done
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_lr_multipliers_follow_the_formula_step_by_step(tmp_path, schedule):
+    from intruder.training.trainer import _lr_lambda
+
+    for total in (1, 2, 5, 10, 37):
+        for warmup in (0.0, 0.1, 0.3, 0.5):
+            factor = _lr_lambda(TrainConfig(out=str(tmp_path), warmup=warmup, schedule=schedule), total)
+            got = [factor(step) for step in range(total)]
+            assert got == pytest.approx([_multiplier(schedule, warmup, total, s) for s in range(total)], abs=1e-15)
+            assert all(0 < f <= 1 for f in got)
+    factor = _lr_lambda(TrainConfig(out=str(tmp_path), warmup=0.25, schedule=schedule), 8)  # 2 warm-up steps
+    assert [factor(s) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+
+
+@pytest.mark.parametrize("options, schedule, warmup", [
+    ([], "cosine", 0.1),  # the defaults
+    (["--schedule", "linear", "--warmup", "0.25"], "linear", 0.25),
+    (["--schedule", "constant", "--warmup", "0.25"], "constant", 0.25),
+])
+def test_cli_train_uses_each_schedule_at_the_default_lora_lr(tiny_lm, tmp_path, optimizer_steps, capsys, options,
+                                                             schedule, warmup):
+    """The lr every optimizer step of a LoRA run actually used, against the schedule's formula at the default peak
+    lr (2e-4 for LoRA): 8 questions, batch 1, 2 epochs, 16 steps."""
+    data = _questions_file(tmp_path / "data.jsonl", n_train=8)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_lm), "--data", str(data), "--out", str(out), "--epochs", "2",
+                 "--batch-size", "1", "--rank", "2", "--targets", "q_proj", "--no-context", "--max-length", "192",
+                 "--forget-texts", "1", "--quiet", *options]) == 0
+    capsys.readouterr()
+    config = json.loads((out / "config.json").read_text())
+    assert config["lr"] == 2e-4 and config["schedule"] == schedule and config["warmup"] == warmup
+    used = [step["lr"] for step in optimizer_steps]
+    assert len(used) == 16
+    assert used == pytest.approx([2e-4 * _multiplier(schedule, warmup, 16, s) for s in range(16)], rel=1e-12)
+
+
+def test_each_step_logs_the_lr_it_used(tiny_lm, tmp_path, optimizer_steps):
+    data = _questions_file(tmp_path / "data.jsonl", n_train=8)
+    train(_config(tiny_lm, tmp_path / "run", data=str(data), epochs=1, batch_size=2, forget_texts=1,
+                  eval_before=False), progress=False)
+    logged = [r["lr"] for r in _records(tmp_path / "run", "train")]
+    assert logged == [step["lr"] for step in optimizer_steps]

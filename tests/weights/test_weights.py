@@ -143,3 +143,43 @@ def test_non_finite_weights_name_the_tensor(tensors, bad):
 def test_unknown_source_type():
     with pytest.raises(IntruderError, match="cannot open weights from a int"):
         open_weights(3)
+
+
+class _RunsCode:
+    """Pickles as a call to os.system: a checkpoint holding it runs a shell command when unpickled freely."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+def test_a_bin_whose_pickle_would_run_code_is_refused_and_the_code_never_runs(tmp_path, tensors, capsys):
+    import shlex
+
+    from intruder.cli import main
+    from intruder.synthetic import random_adapter
+
+    marker = tmp_path / "the-code-ran"
+    payload = dict(tensors, extra=_RunsCode(f"touch {shlex.quote(str(marker))}"))
+    (tmp_path / "model").mkdir()
+    torch.save(payload, tmp_path / "model" / "pytorch_model.bin")
+    torch.save(payload, tmp_path / "w.bin")
+    adapter = random_adapter(tensors, tmp_path / "adapter", rank=2, targets=("a",))
+    (adapter / "adapter_model.safetensors").unlink()
+    torch.save(payload, adapter / "adapter_model.bin")
+    for source in (tmp_path / "w.bin", tmp_path / "model"):
+        with pytest.raises(CorruptWeightsError, match=r"(?s)weights_only=True .*pickled code: re-save it as safet"):
+            open_weights(source)
+        with pytest.raises(CorruptWeightsError, match="weights_only=True"):
+            find_intruders(tensors, source, progress=False)
+    with pytest.raises(CorruptWeightsError, match="adapter_model.bin"):
+        find_intruders(tensors, adapter, progress=False)
+    assert main(["analyze", str(tmp_path / "model"), str(tmp_path / "w.bin"), "--quiet"]) == 2
+    assert "pytorch_model.bin" in capsys.readouterr().err
+    assert not marker.exists()  # refused before anything in the pickle was called
+    torch.load(tmp_path / "w.bin", weights_only=False)  # what a free unpickling would have done
+    assert marker.exists()
