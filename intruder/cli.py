@@ -377,13 +377,14 @@ def _demo(args) -> int:
 
     args.kept = f"every finished run, analysis and evaluation in {args.out}"
     result = demo(args.out, progress=not args.quiet)
+    if result is None:  # not rank 0 under torchrun: rank 0 prints and writes the report
+        return 0
     print("\nFindings of this run:")
     for text in result["findings"]:
         print(f"- {text}")
     print(f"\nReport: {result['page']} (and {result['page'].with_name('report.md')}); "
           f"took {result['seconds'] / 60:.1f} minutes")
     return 0
-
 
 
 def _shared_training_fields() -> set[str]:

@@ -26,8 +26,11 @@ DEMO_GRID = Grid(
 )
 
 
-def demo(out="intruder-demo", *, progress: bool = True) -> dict:
-    """Run (or continue) the demo sweep in `out` and write its report; {"rows", "page", "seconds", "findings"}."""
+def demo(out="intruder-demo", *, progress: bool = True) -> dict | None:
+    """Run (or continue) the demo sweep in `out` and write its report; {"rows", "page", "seconds", "findings"}.
+    Under torchrun every rank runs its share of the runs and rank 0 alone writes the report (the others get
+    None)."""
+    from .. import distributed
     from ..report.sweep_page import findings, write_sweep_report
     from .runner import load_grid, sweep
 
@@ -35,6 +38,10 @@ def demo(out="intruder-demo", *, progress: bool = True) -> dict:
     start = time.perf_counter()
     rows = sweep(out, DEMO_GRID, progress=progress)
     seconds = time.perf_counter() - start
+    main = distributed.rank() == 0
+    distributed.close()
+    if not main:
+        return None
     notes = [f"This demo took {seconds / 60:.1f} minutes on this machine (a continued run counts only its own "
              "time). Its settings are chosen to fit a 2-core CPU: two epochs, prompts without context, batches "
              "bucketed by length, forgetting measured on 16 of the 72 general-text paragraphs, and the λ "
