@@ -160,16 +160,20 @@ def agree(error: BaseException | None, what: str) -> None:
     """Collective: each rank passes the exception it met while doing `what`, or None; if any rank failed, every
     rank raises, so none waits forever at a later collective. The error names the failing rank(s) and their
     messages ("rank 1 failed while training: ..."); its class is the first failure's when that is an
-    IntruderError subclass, else IntruderError. A single process re-raises its own error unchanged."""
+    IntruderError subclass, else IntruderError. The same error on every rank, and a single process's own
+    error, are raised unchanged."""
     if not active():
         if error is not None:
             raise error
         return
     outcome = None if error is None else (type(error), f"{type(error).__name__}: {error}"
                                           if not isinstance(error, IntruderError) else str(error))
-    failed = [(r, o) for r, o in enumerate(all_gather_objects(_picklable(outcome))) if o is not None]
+    outcomes = all_gather_objects(_picklable(outcome))
+    failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
     if not failed:
         return
+    if error is not None and len(failed) == len(outcomes) and len({o[1] for _, o in failed}) == 1:
+        raise error  # the same error on every rank (bad options, a file every rank reads): as it is
     ranks = ", ".join(str(r) for r, _ in failed)
     if len(failed) == 1:
         message = f"rank {ranks} failed while {what}: {failed[0][1][1]}"

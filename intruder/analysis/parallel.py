@@ -19,8 +19,8 @@ With these a cold 4096 x 4096 matrix costs 55x its warm analysis (measured: 44x)
 The plan hands out matrices, most expensive first, each to the rank with the least cost so far (greedy
 longest-processing-time): deterministic, and no rank's total exceeds another's by more than the largest cost.
 
-Failures: a step that may fail on one rank only is settled by every rank (`together`, `settle`); when one rank
-fails, every rank raises an IntruderError naming the failing rank and the tensor. A failing rank also posts a
+Failures: a step that may fail on one rank only is settled by every rank (`distributed.together`, `agree`); when
+one rank fails, every rank raises an IntruderError naming the failing rank and the tensor. A failing rank also posts a
 notice in the process group's store, so that the others stop at their next matrix instead of finishing their
 share first.
 """
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from datetime import timedelta
 
 import torch
@@ -113,14 +113,14 @@ def analyse_shared(names: list[str], base: Weights, tuned: Weights, k: int, thre
     names whose W_t equals W_0, meta: world size, devices, per-rank matrices, cost share and seconds).
     Collective: every rank calls it with the same names and gets the same answer."""
     start = time.perf_counter()
-    with together("planning the split of the matrices"):
+    with distributed.together("planning the split of the matrices"):
         costs = estimate_costs(names, base, tuned, cache, k) if distributed.rank() == 0 else None
     costs, run = distributed.broadcast_object((costs, uuid.uuid4().hex))
     shares = plan(costs, distributed.world_size())
     mine = shares[distributed.rank()]
     done, error = _analyse_share([names[i] for i in mine], base, tuned, k, threshold, side, device, cache,
                                  _Notice(run), progress)
-    settle(error, f"analysing its {len(mine)} of the {len(names)} matrices")
+    distributed.agree(error, f"analysing its {len(mine)} of the {len(names)} matrices")
     seconds = time.perf_counter() - start
     gathered = distributed.all_gather_objects((list(zip(mine, done)), str(device), seconds))
     merged = sorted((pair for share, _, _ in gathered for pair in share), key=lambda pair: pair[0])
@@ -164,7 +164,7 @@ def _analyse_share(share: list[str], base: Weights, tuned: Weights, k: int, thre
 
 
 class _Stopped(Exception):
-    """Another rank failed: stop this rank's share (the failure is raised by `settle`)."""
+    """Another rank failed: stop this rank's share (the failure is raised by `agree`)."""
 
 
 class _Notice:
@@ -205,29 +205,6 @@ def _named(exc: BaseException, name: str, shape: tuple) -> BaseException:
     return IntruderError(f"tensor {name!r} {list(shape)}: {text}{advice}")
 
 
-def settle(error: BaseException | None, what: str) -> None:
-    """Collective: raise on every rank when any rank failed doing `what` (`error`: this rank's, or None).
-    The same error on every rank (bad options, a missing file every rank reads) is raised unchanged; otherwise
-    an IntruderError names the failing ranks (`intruder.distributed.agree`)."""
-    outcomes = distributed.all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
-    if all(o is None for o in outcomes):
-        return
-    if error is not None and len(set(outcomes)) == 1:
-        raise error
-    distributed.agree(error, what)
-
-
-@contextmanager
-def together(what: str):
-    """`settle` around a block that every rank runs."""
-    try:
-        yield
-    except Exception as exc:  # noqa: BLE001 - settled with every rank, then raised
-        settle(exc, what)
-    else:
-        settle(None, what)
-
-
 def together_if(group: bool, what: str):
-    """`together(what)` when the analysis is spread over a process group, else nothing."""
-    return together(what) if group else nullcontext()
+    """`distributed.together(what)` when the analysis is spread over a process group, else nothing."""
+    return distributed.together(what) if group else nullcontext()
