@@ -44,6 +44,17 @@ def save_model_dir(path, tensors: dict, *, shards: int = 1):
     return path
 
 
+def sample_questions_file(path, n: int):
+    """The first n bundled sample questions as a user data file (JSON lines, split left to the trainer)."""
+    import json
+
+    from intruder.training.data import load_mcq
+
+    rows = [q.to_row() | {"split": ""} for q in load_mcq("sample")[:n]]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
 def build_tiny_lm(path, *, arch: str = "gemma3", vocab_size: int = 600, seed: int = 0):
     """A tiny random causal LM (2 layers, hidden 32) with a byte-level BPE tokenizer trained on the bundled
     questions and corpus, saved as a Hugging Face directory; a few seconds, no network."""

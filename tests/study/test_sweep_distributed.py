@@ -9,16 +9,13 @@ import sys
 import pytest
 
 from intruder.cli import main
-from intruder.training.data import load_mcq
+from tests.conftest import sample_questions_file
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """40 questions: 30 to train on, 10 to test (a quick sweep)."""
-    rows = [q.to_row() | {"split": ""} for q in load_mcq("sample")[:40]]
-    path = tmp_path_factory.mktemp("data") / "mine.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
+    return sample_questions_file(tmp_path_factory.mktemp("data") / "mine.jsonl", 40)
 
 
 def _common(tiny_lm, data, out) -> list[str]:

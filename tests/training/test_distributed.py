@@ -11,8 +11,8 @@ import torch
 
 from intruder import open_weights
 from intruder.cli import main
-from intruder.training.data import load_mcq
 from intruder.training.trainer import TrainConfig, train
+from tests.conftest import sample_questions_file
 
 TIMING = ("tokens_per_s", "elapsed_s")
 
@@ -88,10 +88,7 @@ def torchrun(tmp_path, args: list[str], *, watched, stop_at: int | None = None, 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """49 questions: 37 to train on (the last micro-batch of an epoch holds one, so rank 1 has none of it)."""
-    rows = [q.to_row() | {"split": ""} for q in load_mcq("sample")[:49]]
-    path = tmp_path_factory.mktemp("data") / "mine.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
+    return sample_questions_file(tmp_path_factory.mktemp("data") / "mine.jsonl", 49)
 
 
 def _options(tiny_lm, data, **overrides) -> dict:

@@ -10,6 +10,7 @@ from intruder.cli import main
 from intruder.errors import WeightsNotFoundError
 from intruder.training.data import load_mcq
 from intruder.training.trainer import TrainConfig, train
+from tests.conftest import sample_questions_file
 
 TIMING = ("tokens_per_s", "elapsed_s")
 
@@ -96,9 +97,7 @@ def test_full_fine_tuning_changes_only_linear_weights(tiny_lm, tmp_path):
 
 
 def test_answer_text_loss_and_user_data(tiny_lm, tmp_path):
-    rows = [q.to_row() | {"split": ""} for q in load_mcq("sample")[:20]]
-    data = tmp_path / "mine.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    data = sample_questions_file(tmp_path / "mine.jsonl", 20)
     summary = train(_config(tiny_lm, tmp_path / "run", data=str(data), loss="answer", scoring="mean-loglik",
                             test_fraction=0.25, epochs=1), progress=False)
     assert summary["n_train"] == 15 and summary["n_test"] == 5
