@@ -31,32 +31,42 @@ def torch_threads(n: int | None):
 
 
 class Workspace:
-    """Reusable buffers grown to the largest matrix: reading and converting each matrix into memory that is
-    already mapped avoids page-faulting a fresh allocation per matrix (a third of the time of a read).
+    """One worker's reusable buffers, grown to the largest matrix: reading and converting each matrix into
+    memory that is already mapped avoids page-faulting a fresh allocation per matrix (a third of the time of a
+    read). Each worker thread of `projection.analyse_all` has its own.
 
-    Buffers are kept per slot, so that two matrices in flight (one being read, one computed) use their own.
+    threads: how many threads a base decomposition may use (the worker's share of the cores).
     """
 
-    def __init__(self, device: torch.device, threads: int):
-        self.device, self.threads = device, threads  # threads: for the base decompositions
-        self.buffers: dict[int, torch.Tensor] = {}  # float64, per slot
-        self.raw: dict[tuple, torch.Tensor] = {}  # read buffers, per (stored dtype, slot)
+    def __init__(self, device: torch.device, threads: int = 1):
+        self.device, self.threads = device, threads
+        self.buffers: dict[int, torch.Tensor] = {}  # float64, per slot: 0 W_0, 1 W_t, 2 a block of rows
+        self.raw: dict[torch.dtype, torch.Tensor] = {}  # read buffers, per stored dtype
+        self.entry = bytearray()  # the bytes of a cache entry
 
-    def read(self, weights: Weights, name: str, slot: int = 0) -> torch.Tensor:
+    def read(self, weights: Weights, name: str) -> torch.Tensor:
         """`weights.get(name)`, into a reused buffer where the reader supports it (safetensors)."""
         if not isinstance(weights, SafetensorsWeights):
             return weights.get(name)
-        numel, key = math.prod(weights.shape(name)), (weights.dtype(name), slot)
-        buf = self.raw.get(key)
+        numel, dtype = math.prod(weights.shape(name)), weights.dtype(name)
+        buf = self.raw.get(dtype)
         if buf is None or buf.numel() < numel:
-            self.raw.pop(key, None)  # release the old buffer before growing
-            buf = self.raw[key] = torch.empty(numel, dtype=key[0])
+            self.raw.pop(dtype, None)  # release the old buffer before growing
+            buf = self.raw[dtype] = torch.empty(numel, dtype=dtype)
         return weights.get(name, out=buf)
+
+    def entry_buffer(self, nbytes: int) -> bytearray:
+        """A reused buffer of at least `nbytes` bytes for a cache entry (its tensors are views into it)."""
+        if len(self.entry) < nbytes:
+            self.entry = bytearray()  # release the old buffer before growing
+            self.entry = bytearray(nbytes)
+        return self.entry
 
     def release(self) -> None:
         """Drop every buffer (views handed out stay valid until they are dropped too)."""
         self.buffers.clear()
         self.raw.clear()
+        self.entry = bytearray()
 
     def f64(self, w: torch.Tensor, slot: int) -> torch.Tensor:
         """A float64 copy of `w` on the device, owned by this workspace until the next call for `slot`."""
@@ -67,17 +77,34 @@ class Workspace:
         return buf[: w.numel()].view(w.shape).copy_(w)
 
 
+def workers(device: torch.device, matrices: int) -> int:
+    """How many matrices to analyse side by side: one per torch thread on a CPU (at most MAX_WORKERS), one on
+    a GPU. Each worker holds about two copies of its matrix."""
+    if device.type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), MAX_WORKERS, matrices))
+
+
+MAX_WORKERS = 8
+
+
 @contextmanager
 def cpu_threads(device: torch.device, threads: int = 1):
-    """On the CPU, run torch and the BLAS under numpy/scipy (ARPACK's) with `threads` threads in the block.
+    """On the CPU, run torch and the BLAS under numpy/scipy with `threads` threads in the block.
 
-    The per-matrix work is many small products interleaved with ARPACK's reverse-communication loop: waking
-    a second thread for each costs more than it saves. Measured on Gemma 3 270M (2 cores): torch single-
-    threaded made the warm analysis 1.6x faster, and OpenBLAS single-threaded another 1.2x.
+    The work on one matrix is a chain of small products and solves: waking a second thread for each costs
+    more than it saves, while whole matrices side by side (`workers`) keep every core busy. Measured on Gemma 3
+    270M (2 cores): torch single-threaded made the warm analysis 1.6x faster, and OpenBLAS single-threaded
+    another 1.2x, before the matrices ran side by side.
+
+    The limits are global to the process: with several workers they are set once around the whole analysis,
+    never per matrix, or one worker's exit from the block would lift the limit under another.
     """
     if device.type != "cpu":
         yield
         return
+    import scipy.linalg  # noqa: F401 (its BLAS must be loaded to be limited)
+    import scipy.sparse.linalg  # noqa: F401 (ARPACK's)
     from threadpoolctl import threadpool_limits
 
     with torch_threads(threads), threadpool_limits(threads, user_api="blas"):

@@ -176,7 +176,8 @@ def tuned_triplets(base: Weights, tuned: Weights, name: str, k: int, *, device=N
         y = m.factors.basis @ proj.small.T  # (p, k) tuned small-side vectors
         if m.update is not None:  # W_tᵀ Y = W_0ᵀ Y + Rᵀ (Lᵀ Y), on the small side's orientation
             lo, ro = (m.update.left, m.update.right) if m.factors.left else (m.update.right.T, m.update.left.T)
-            w = m.w0 if m.factors.left else m.w0.T
+            w0 = m.w0.to(torch.float64)  # stored as read when the update is low-rank
+            w = w0 if m.factors.left else w0.T
             wty = w.T @ y + ro.T @ (lo.T @ y)
         else:
             wty = (m.wt.T if m.factors.left else m.wt) @ y

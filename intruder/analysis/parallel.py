@@ -155,7 +155,7 @@ def _analyse_share(share: list[str], base: Weights, tuned: Weights, k: int, thre
         return [], None
     except Exception as exc:  # noqa: BLE001 - posted, then settled with every rank
         notice.post()
-        name = share[min(len(finished), len(share) - 1)]  # `step` runs after each matrix
+        name = getattr(exc, "tensor", None) or share[min(sum(finished), len(share) - 1)]
         return [], _named(exc, name, base.shape(name))
     finally:
         bar.close()

@@ -1,12 +1,16 @@
-"""One changed matrix at a time: read W_0 and W_t (or ΔW's factors), take the base factors (cached), find the
-top-k tuned triplets in the base's singular bases, and turn them into a LayerResult.
+"""Every changed matrix: read W_0 and W_t (or ΔW's factors), take the base factors (cached), find the top-k
+tuned triplets in the base's singular bases, and turn them into a LayerResult; on a CPU several matrices side
+by side, with the small eigenproblems of low-rank updates solved in batches.
 
 See `intruders.py` for the method. The eigen-solvers live in `eigen.py`.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,8 +18,8 @@ import torch
 
 from ..errors import NonFiniteError, ShapeMismatchError
 from ..weights import LowRankUpdate, Weights
-from ._runtime import Workspace, cpu_threads, trim_heap
-from .eigen import top_eigenpairs, top_eigenpairs_gram
+from ._runtime import Workspace, cpu_threads, trim_heap, workers
+from .eigen import top_eigenpairs, top_eigenpairs_gram, top_eigenpairs_many
 from .results import LayerResult
 from .spectra import BaseFactors, FactorCache, base_factors, low_rank_singular_values, singular_values
 
@@ -39,60 +43,142 @@ class Projection:
 
 @dataclass
 class Matrix:
-    """One changed matrix, float64 on the device: W_0 (m, n), its base factors, and W_t either as the update
-    ΔW = L R (`update`, when the source knows its factors) or dense (`wt`)."""
+    """One changed matrix on the device: W_0 (m, n), its base factors, and W_t either as the update ΔW = L R
+    (`update`, when the source knows its factors) or dense (`wt`). Everything is float64, except W_0 with an
+    update on a CPU: as stored, and converted a block of rows at a time into `block` where it is used."""
 
     w0: torch.Tensor
     factors: BaseFactors
     update: LowRankUpdate | None = None
     wt: torch.Tensor | None = None
+    block: torch.Tensor | None = None
 
 
 def analyse_all(names: list[str], base: Weights, tuned: Weights, k: int, threshold: float, side: str,
                 device: torch.device, cache: FactorCache | None, done=None) -> tuple[list[LayerResult], list[str]]:
-    """Analyse `names` in order -> (their LayerResults, the names whose W_t equals W_0).
+    """Analyse `names` -> (their LayerResults in order, the names whose W_t equals W_0).
 
-    A pipeline of three threads, one matrix in each stage: one reads the next matrix (W_0, the update or W_t,
-    the cached base factors, W_0 in float64), this one computes the products of the current one (the base
-    decomposition when it is not cached, the low-rank eigenproblem), and one solves the eigenproblem of the
-    previous one. Reading and products release the GIL, so on a CPU they run beside the solver's Python loop.
-    done: called with 1 after each matrix.
+    On a CPU, `workers` threads analyse matrices side by side, each with its own buffers and one BLAS thread
+    (the work on one matrix is a chain of small products that a second thread would not speed up): each
+    reads a matrix and reduces a low-rank one to its small eigenproblem (`reduce`), and, once SOLVE_BATCH of
+    one size are waiting, solves those together (`eigen.top_eigenpairs_many`), so that the Python between
+    the solver's LAPACK calls is paid once per batch. Reading, products and solves release the GIL. At most
+    workers + 1 matrices are read ahead of this thread, which puts the results in order. The first failure
+    in the order of `names` is raised, after the matrices in progress finish. done: called (from any of the
+    threads) with the number of matrices finished.
     """
-    pending, unchanged = [], []
-    # buffers in two slots, one per matrix in flight; the base decompositions get all torch threads back
-    work = Workspace(device, torch.get_num_threads())
-    with (ThreadPoolExecutor(1, thread_name_prefix="intruder-read") as reader,
-          ThreadPoolExecutor(1, thread_name_prefix="intruder-solve") as solver, cpu_threads(device)):
-        ahead = reader.submit(fetch, names[0], base, tuned, cache, work, 0) if names else None
-        for index, name in enumerate(names):
-            fetched = ahead.result()
-            if index + 1 < len(names):
-                ahead = reader.submit(fetch, names[index + 1], base, tuned, cache, work, (index + 1) % 2)
-            m = prepare(fetched, base, tuned, device, cache, work, index % 2)
-            if m is None:
-                unchanged.append(name)
-            elif m.update is not None:  # the products here, the eigenproblem on the solver thread
-                problem = low_rank_problem(m.w0, m.factors, m.update)
-                slim = BaseFactors(problem.s[:0], problem.s, m.factors.left)  # the basis is not needed now
-                pending.append(solver.submit(_low_rank_result, name, tuple(m.w0.shape), slim, m.update, problem,
-                                             k, threshold, side))
-            else:
-                pending.append(analyse(name, m, k, threshold, side))
-            del m, fetched
-            trim_heap()
-            if done is not None:
-                done(1)
-        results = [item if isinstance(item, LayerResult) else item.result() for item in pending]
+    count = workers(device, len(names))
+    share = torch.get_num_threads() if count == 1 else 1  # threads for a base decomposition (see load)
+    local = threading.local()
+
+    def one(name: str) -> LayerResult | Pending | None:
+        work = getattr(local, "work", None)
+        if work is None:
+            work = local.work = Workspace(device, share)
+        with _naming(name):
+            m = load(name, base, tuned, device, cache, work)
+            item = None if m is None else reduce(name, m, k, threshold, side)
+            del m
+        return item
+
+    found: dict[int, LayerResult] = {}
+    unchanged, waiting, solving = [], {}, []
+
+    def solve(batch: list) -> None:  # on a worker when there are several, so that every core reads or solves
+        with _naming(batch[0][1].name):
+            solved = solve_pending([p for _, p in batch], threshold, side)
+        found.update((index, result) for (index, _), result in zip(batch, solved))
+        trim_heap()  # give back what this batch and the matrices read meanwhile left in the heap
+        if done is not None:
+            done(len(batch))
+
+    with cpu_threads(device):
+        pool = ThreadPoolExecutor(count, thread_name_prefix="intruder") if count > 1 else None
+        items = map(one, names) if pool is None else _ahead(pool, one, names, count + 1)
+        try:
+            for index, (name, item) in enumerate(zip(names, items)):
+                if isinstance(item, Pending):
+                    batch = waiting.setdefault(item.size, [])
+                    batch.append((index, item))
+                    if len(batch) == SOLVE_BATCH:
+                        ready = waiting.pop(item.size)
+                        solving.append(pool.submit(solve, ready) if pool else solve(ready))
+                    continue
+                if item is None:
+                    unchanged.append(name)
+                else:
+                    found[index] = item
+                if done is not None:
+                    done(1)
+            for batch in waiting.values():
+                solving.append(pool.submit(solve, batch) if pool else solve(batch))
+            for job in solving:
+                if pool is not None:
+                    job.result()
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
     trim_heap()
-    return results, unchanged
+    return [found[i] for i in sorted(found)], unchanged
 
 
-def _low_rank_result(name: str, shape: tuple, factors: BaseFactors, update: LowRankUpdate,
-                     problem: LowRankProblem, k: int, threshold: float, side: str) -> LayerResult:
-    """The LayerResult of a low-rank matrix from its eigenproblem (the solver thread's work)."""
-    proj = problem.projection(*top_eigenpairs(problem.d, problem.pmat, problem.qmat, min(k, *shape)))
-    delta_sigma = low_rank_singular_values(update.left, update.right)
-    return _layer_result(name, shape, factors, proj, delta_sigma, "low-rank", threshold, side)
+@contextmanager
+def _naming(name: str):
+    """Mark an exception raised in the block with the tensor it was raised for (`exc.tensor`), for callers
+    that report it: the matrices run out of order."""
+    try:
+        yield
+    except Exception as exc:
+        if not hasattr(exc, "tensor"):
+            exc.tensor = name
+        raise
+
+
+def _ahead(pool: ThreadPoolExecutor, fn, args: list, window: int):
+    """fn(a) for each a of args, in order, computed by `pool` at most `window` ahead of the caller (the
+    matrices in flight are what the analysis holds in memory)."""
+    queue = deque(pool.submit(fn, a) for a in args[:window])
+    for a in args[window:]:
+        head = queue.popleft()
+        queue.append(pool.submit(fn, a))
+        yield head.result()
+    while queue:
+        yield queue.popleft().result()
+
+
+SOLVE_BATCH = 8  # low-rank eigenproblems of one size solved together (their temporaries grow with it)
+
+
+@dataclass
+class Pending:
+    """A low-rank matrix reduced to its eigenproblem, waiting to be solved with others of its size."""
+
+    name: str
+    shape: tuple
+    factors: BaseFactors  # sigma and the side only: the basis is not needed any more
+    problem: LowRankProblem
+    delta_sigma: torch.Tensor
+    k: int
+
+    @property
+    def size(self) -> tuple:
+        return (*self.problem.pmat.shape, self.k, self.problem.pmat.device)
+
+
+def reduce(name: str, m: Matrix, k: int, threshold: float, side: str) -> LayerResult | Pending:
+    """One changed matrix, read: its eigenproblem (a low-rank update on a CPU), else its LayerResult."""
+    if m.update is None or m.w0.device.type != "cpu":
+        return analyse(name, m, k, threshold, side)
+    problem = low_rank_problem(m.w0, m.factors, m.update, m.block)
+    return Pending(name, tuple(m.w0.shape), BaseFactors(problem.s[:0], problem.s, m.factors.left), problem,
+                   low_rank_singular_values(m.update.left, m.update.right), min(k, *m.w0.shape))
+
+
+def solve_pending(batch: list[Pending], threshold: float, side: str) -> list[LayerResult]:
+    """LayerResults of low-rank matrices of one size, their eigenproblems solved together."""
+    pairs = top_eigenpairs_many([(p.problem.d, p.problem.pmat, p.problem.qmat) for p in batch], batch[0].k)
+    return [_layer_result(p.name, p.shape, p.factors, p.problem.projection(*pair), p.delta_sigma, "low-rank",
+                          threshold, side) for p, pair in zip(batch, pairs)]
 
 
 def analyse(name: str, m: Matrix, k: int, threshold: float, side: str) -> LayerResult:
@@ -105,24 +191,11 @@ def analyse(name: str, m: Matrix, k: int, threshold: float, side: str) -> LayerR
     return _layer_result(name, tuple(m.w0.shape), m.factors, proj, delta_sigma, kind, threshold, side)
 
 
-@dataclass
-class Fetched:
-    """What `fetch` read for one matrix: W_0 as stored, its cache key and entry, and the tuned side."""
-
-    name: str
-    raw: torch.Tensor
-    key: str | None
-    factors: BaseFactors | None
-    update: LowRankUpdate | None
-    wt: torch.Tensor | None
-    unchanged: bool = False
-    w0: torch.Tensor | None = None  # W_0 in float64, converted here when nothing is to be decomposed first
-
-
-def fetch(name: str, base: Weights, tuned: Weights, cache: FactorCache | None, work: Workspace,
-          slot: int = 0) -> Fetched:
-    """Read one matrix and its cached base factors (no decomposition); W_0 into `work`'s buffers of `slot`."""
-    raw = work.read(base, name, slot)
+def load(name: str, base: Weights, tuned: Weights, device: torch.device, cache: FactorCache | None,
+         work: Workspace) -> Matrix | None:
+    """Read W_0 and W_t (or ΔW's factors) of `name` into `work`'s buffers, in float64 on `device`, with the base
+    factors (from the cache, or computed and cached); None when W_t == W_0."""
+    raw = work.read(base, name)
     key = cache.key(raw, base.fingerprint(name)) if cache is not None else None
     update = tuned.low_rank_update(name)
     wt = None
@@ -130,54 +203,38 @@ def fetch(name: str, base: Weights, tuned: Weights, cache: FactorCache | None, w
         wt = tuned.get(name)
         _check_shape(name, tuple(raw.shape), tuple(wt.shape), tuned.source)
         if _equal(raw, wt):
-            return Fetched(name, raw, key, None, None, None, unchanged=True)
-    factors = cache.load(key, tuple(raw.shape)) if cache is not None else None
-    w0 = work.f64(raw, 2 * slot) if factors is not None and work.device.type == "cpu" else None
-    return Fetched(name, raw, key, factors, update, wt, w0=w0)
-
-
-def prepare(f: Fetched, base: Weights, tuned: Weights, device: torch.device, cache: FactorCache | None,
-            work: Workspace, slot: int = 0) -> Matrix | None:
-    """The fetched matrix in float64 on `device`, its base factors computed (and cached) when they were not
-    in the cache; None when W_t == W_0."""
-    if f.unchanged:
-        return None
-    name, raw, factors = f.name, f.raw, f.factors
+            return None
+    factors = cache.load(key, tuple(raw.shape), work.entry_buffer) if cache is not None else None
     if factors is None:  # a cache entry exists only for a finite W_0: none is written for any other
-        work.release()  # room for the decomposition (buffers in use live on); reuse matters little here
-        try:
-            with cpu_threads(device, work.threads):  # all threads, torch's and the BLAS's
+        try:  # all threads when this is the only worker; with several, each decomposes on one thread
+            with cpu_threads(device, work.threads) if work.threads > 1 else nullcontext():
                 factors = base_factors(raw.to(device))
         except NonFiniteError:
             raise _non_finite(raw, name, base.source) from None
         if cache is not None:
-            cache.store(f.key, tuple(raw.shape), factors)
-    w0 = f.w0 if f.w0 is not None else work.f64(raw, 2 * slot)
+            cache.store(key, tuple(raw.shape), factors)
     factors = factors.to(device)
-    if f.update is not None:
-        update = f.update
-        _check_shape(name, tuple(w0.shape), (update.left.shape[0], update.right.shape[1]), tuned.source)
+    if update is not None:
+        _check_shape(name, tuple(raw.shape), (update.left.shape[0], update.right.shape[1]), tuned.source)
         left, right = update.left.to(device, torch.float64), update.right.to(device, torch.float64)
         if not bool(torch.isfinite(left).all() and torch.isfinite(right).all()):
             raise _non_finite(left @ right, name, tuned.source)
-        return Matrix(w0, factors, update=LowRankUpdate(left, right))
-    wt = work.f64(f.wt, 2 * slot + 1)
+        if device.type == "cpu":
+            block = work.f64(raw[: max(1, BLOCK_BYTES // (8 * raw.shape[1]))], 2)
+            return Matrix(raw, factors, update=LowRankUpdate(left, right), block=block)
+        return Matrix(work.f64(raw, 0), factors, update=LowRankUpdate(left, right))
+    w0 = work.f64(raw, 0)
+    wt = work.f64(wt, 1)
     if not bool(torch.isfinite(wt.sum())):
         raise _non_finite(wt, name, tuned.source)
     return Matrix(w0, factors, wt=wt)
-
-
-def load(name: str, base: Weights, tuned: Weights, device: torch.device, cache: FactorCache | None,
-         work: Workspace) -> Matrix | None:
-    """Read W_0 and W_t (or ΔW's factors) of `name` and the base factors (cached); None when W_t == W_0."""
-    return prepare(fetch(name, base, tuned, cache, work), base, tuned, device, cache, work)
 
 
 def project(m: Matrix, k: int) -> Projection:
     """The top-k tuned triplets of one matrix in the base bases (k capped at min(m, n))."""
     k = min(k, min(m.w0.shape))
     if m.update is not None:
-        problem = low_rank_problem(m.w0, m.factors, m.update)
+        problem = low_rank_problem(m.w0, m.factors, m.update, m.block)
         return problem.projection(*top_eigenpairs(problem.d, problem.pmat, problem.qmat, k))
     return _project_dense(m.w0, m.factors, m.wt, k)
 
@@ -225,18 +282,45 @@ class LowRankProblem:
         return Projection(sigma, z.T, _null_zeroed(large / safe(sigma)[None, :], self.s).T)
 
 
-def low_rank_problem(w0: torch.Tensor, f: BaseFactors, update: LowRankUpdate) -> LowRankProblem:
-    """W_t = W_0 + L R with L (m, r), R (r, n) -> its eigenproblem in the base basis, in O(m n r + p² r)."""
+def low_rank_problem(w0: torch.Tensor, f: BaseFactors, update: LowRankUpdate,
+                     block: torch.Tensor | None = None) -> LowRankProblem:
+    """W_t = W_0 + L R with L (m, r), R (r, n) -> its eigenproblem in the base basis, in O(m n r + p² r).
+
+    W_0 may be stored in any float dtype when `block` (float64, a whole number of W_0's rows) is given: it is
+    converted a block at a time, which stays in the CPU's cache for the product (20 % faster on two cores).
+    """
     if f.left:  # work on the small side: W (p, q), ΔW = L R with L (p, r), R (r, q)
-        w, lo, ro = w0, update.left, update.right
+        lo, ro = update.left, update.right
     else:
-        w, lo, ro = w0.T, update.right.T, update.left.T
+        lo, ro = update.right.T, update.left.T
     r = lo.shape[1]
     # P (p, 2r) = [Xᵀ L, Xᵀ W_0 Rᵀ] = [B, Cᵀ], as ([L, W_0 Rᵀ]ᵀ X)ᵀ: the order BLAS runs fastest (2-4x here)
-    pmat = (torch.cat([lo.T, ro @ w.T], dim=0) @ f.basis).T.contiguous()
-    eye = torch.eye(r, dtype=w.dtype, device=w.device)
+    pmat = (torch.cat([lo.T, _times_base(ro, w0, f.left, block)], dim=0) @ f.basis).T.contiguous()
+    eye = torch.eye(r, dtype=ro.dtype, device=ro.device)
     qmat = torch.cat([torch.cat([ro @ ro.T, eye], 1), torch.cat([eye, torch.zeros_like(eye)], 1)], 0)
     return LowRankProblem(f.sigma**2, pmat, qmat, f.sigma.clone())
+
+
+BLOCK_BYTES = 1 << 20  # float64 rows of W_0 converted at a time: the block stays in a core's L2/L3 cache
+
+
+def _times_base(ro: torch.Tensor, w0: torch.Tensor, left: bool, block: torch.Tensor | None) -> torch.Tensor:
+    """ro (r, q) @ Wᵀ (q, p) for W = W_0 (left) or W_0ᵀ, float64, with W_0 converted into `block`."""
+    if block is None:
+        w0 = w0.to(torch.float64)
+        return ro @ (w0.T if left else w0)
+    rows, cols = w0.shape
+    step = block.shape[0]
+    ron = ro.numpy()
+    out = np.zeros((ro.shape[0], rows if left else cols))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        part = block[: stop - start].copy_(w0[start:stop]).numpy()
+        if left:
+            np.matmul(ron, part.T, out=out[:, start:stop])
+        else:
+            out += ron[:, start:stop] @ part
+    return torch.from_numpy(out)
 
 
 def _project_dense(w0: torch.Tensor, f: BaseFactors, wt: torch.Tensor, k: int) -> Projection:

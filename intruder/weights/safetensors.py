@@ -133,17 +133,19 @@ def _parse_header(file: Path, head: bytes, text: bytes, size: int, advice: str
     return entries, metadata if isinstance(metadata, dict) else {}
 
 
-def read_safetensors(file: Path, *, advice: str = "it is truncated or damaged: replace it with an intact copy"
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(file: Path, *, advice: str = "it is truncated or damaged: replace it with an intact copy",
+                     buffer=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor of a small safetensors file and its metadata, with one open and one read.
 
     advice: what a CorruptWeightsError about a damaged `file` tells the reader to do (the caller knows what
     the file is: a cache entry is recomputed, a run's checkpoint written again).
+    buffer: None, or a function of a byte count returning a reusable bytearray at least that long to read into;
+    the tensors are then views into it, valid until it is reused.
     """
     if not file.is_file():
         raise WeightsNotFoundError(f"{file} does not exist")
     size = file.stat().st_size
-    data = bytearray(size)
+    data = bytearray(size) if buffer is None else memoryview(buffer(size))[:size]
     with open(file, "rb") as f:
         got = f.readinto(data)
     n = int.from_bytes(data[:8], "little") if got >= 8 else -1
