@@ -213,6 +213,7 @@ def load(name: str, base: Weights, tuned: Weights, device: torch.device, cache: 
             raise _non_finite(raw, name, base.source) from None
         if cache is not None:
             cache.store(key, tuple(raw.shape), factors)
+        trim_heap()  # the decomposition's workspace: tens of MB per worker on a large matrix
     factors = factors.to(device)
     if update is not None:
         _check_shape(name, tuple(raw.shape), (update.left.shape[0], update.right.shape[1]), tuned.source)

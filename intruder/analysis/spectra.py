@@ -125,7 +125,7 @@ def _small_side_gram(w: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(gram)
 
 
-GRAM_BLOCK = 4 << 20  # bytes of float64 per block of the Gram matrix's sum
+GRAM_BLOCK = 2 << 20  # bytes of float64 per block of the Gram matrix's sum
 
 
 def tensor_digest(w: torch.Tensor) -> str:
