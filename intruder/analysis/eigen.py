@@ -136,7 +136,8 @@ def _converged(theta: np.ndarray, z: np.ndarray, az: np.ndarray, k: int, floor: 
     help: rounding in the solves can leave a floor near 1e-11 · θ_1, in one Gemma problem in a hundred), also
     within FLOOR · θ_1 and small enough next to θ_j's distance to its neighbours that z_j's angle to the true
     eigenvector, at most residual / distance (Davis–Kahan), is below ANGLE."""
-    residual = np.linalg.norm(az[:, :, :k] - z[:, :, :k] * theta[:, None, :k], axis=1)
+    difference = az[:, :, :k] - z[:, :, :k] * theta[:, None, :k]
+    residual = np.sqrt(np.einsum("bpk,bpk->bk", difference, difference))
     scale = np.abs(theta[:, :1])
     good = residual <= TOLERANCE * scale
     if floor:
