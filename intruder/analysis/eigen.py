@@ -25,6 +25,7 @@ DENSE_FALLBACK = 2048  # up to this size a problem the structured solver cannot 
 TOLERANCE = 1e-12  # accepted residual ‖A z − θ z‖ of each pair, relative to the largest eigenvalue
 FLOOR = 1e-10  # ... or within this, relative to the largest eigenvalue, when the angle bound below holds
 ANGLE = 1e-9  # largest accepted bound on the angle between a found and the true eigenvector then
+_RESCUE = 3  # steps with Rayleigh–Ritz for the problems the others left unconverged
 _STEPS = 5  # Rayleigh-quotient steps before a problem is given up (2-3 on Gemma 3 270M)
 
 
@@ -88,30 +89,31 @@ def low_rank_top(d: np.ndarray, pmat: np.ndarray, qmat: np.ndarray, k: int) -> l
     except np.linalg.LinAlgError:
         return [None] * batch
     pt = np.ascontiguousarray(pmat.transpose(0, 2, 1))
-    tail = pmat.copy()
-    tail[:, :h] = 0  # P's part orthogonal to e_1 … e_h
-    start = np.zeros((batch, p, h + w))
-    start[:, np.arange(h), np.arange(h)] = 1.0
-    start[:, :, h:] = _orthonormal(tail)
     ops = _Operators(d, pmat, pt, qmat, qinv, n)
-    theta, z, az = ops.ritz(slice(None), start)
+    theta, z, az = ops.start(h)
     before = np.full(batch, np.inf)  # each problem's largest residual after the step before
     for step in range(_STEPS):
         done, worst = _converged(theta, z, az, k)
-        stalled = worst > 0.1 * before  # rounding in the solves sets a floor: more steps would not help
+        stalled = (worst > 0.1 * before) & (worst <= FLOOR)  # at a floor rounding sets: more steps won't help
         todo = np.flatnonzero(~done & ~stalled)
         if todo.size == 0:
             break
         before = worst
         every = todo.size == batch
         idx = slice(None) if every else todo  # every problem: no gathered copies
-        found = ops.refine(idx, theta[idx], z[idx], ritz=step == 0)
+        found = ops.refine(idx, theta[idx], z[idx], az[idx], ritz=step == 0)
         if every:
             theta, z, az = found
         else:
             theta[todo], z[todo], az[todo] = found
     theta, z, az = ops.ritz(slice(None), _orthonormal(z))  # the pairs of one Rayleigh–Ritz, for the certificate
     done, _ = _converged(theta, z, az, k, floor=True)
+    for _ in range(_RESCUE):  # two pairs that went to one eigenvector: steps with Rayleigh–Ritz separate them
+        todo = np.flatnonzero(~done)
+        if todo.size == 0:
+            break
+        theta[todo], z[todo], az[todo] = ops.refine(todo, theta[todo], z[todo], az[todo], ritz=True)
+        done[todo], _ = _converged(theta[todo], z[todo], az[todo], k, floor=True)
     return [pair if ok else None for pair, ok in zip(ops.certified(theta, z, k), done)]
 
 
@@ -153,16 +155,40 @@ class _Operators:
     def __init__(self, d, pmat, pt, qmat, qinv, n):
         self.d, self.pmat, self.pt, self.qmat, self.qinv, self.n = d, pmat, pt, qmat, qinv, n
 
-    def ritz(self, idx, q):
+    def start(self, h: int):
+        """Rayleigh–Ritz on span(e_1 … e_h, U), U an orthonormal basis of P's rows below h, formed block by
+        block: A's h x h head, U's products with P and diag(d), no product of A with the whole basis."""
+        d, pmat, pt, qmat = self.d, self.pmat, self.pt, self.qmat
+        batch, p, w = pmat.shape
+        tail = pmat.copy()
+        tail[:, :h] = 0  # P's part orthogonal to e_1 … e_h
+        u = _orthonormal(tail)  # (B, p, w), rows above h zero
+        head, pu = pmat[:, :h], pt @ u  # (B, h, w), (B, w, w): Pᵀ U
+        g = np.empty((batch, h + w, h + w))
+        g[:, :h, :h] = head @ qmat @ head.transpose(0, 2, 1)
+        g[:, :h, :h] += d[:, :h, None] * np.eye(h)
+        g[:, :h, h:] = head @ (qmat @ pu)
+        g[:, h:, :h] = g[:, :h, h:].transpose(0, 2, 1)
+        g[:, h:, h:] = (u.transpose(0, 2, 1) * d[:, None, :]) @ u + pu.transpose(0, 2, 1) @ qmat @ pu
+        theta, s = np.linalg.eigh((g + g.transpose(0, 2, 1)) * 0.5)
+        s = s[:, :, : -self.n - 1 : -1]
+        z = u @ s[:, h:]
+        z[:, :h] += s[:, :h]
+        return theta[:, : -self.n - 1 : -1], z, self.apply(slice(None), z)
+
+    def ritz(self, idx, q, known=None):
         """The top n Ritz pairs on span(q_b), q (b, p, c) orthonormal, of problems idx -> θ (b, n) descending,
-        vectors (b, p, n) and A times them."""
-        aq = self.apply(idx, q)
+        vectors (b, p, n) and A times them. known: A times the first columns of q, when already computed."""
+        if known is None:
+            aq = self.apply(idx, q)
+        else:
+            aq = np.concatenate([known, self.apply(idx, q[:, :, known.shape[2]:])], axis=2)
         g = q.transpose(0, 2, 1) @ aq
         theta, s = np.linalg.eigh((g + g.transpose(0, 2, 1)) * 0.5)
         s = s[:, :, : -self.n - 1 : -1]
         return theta[:, : -self.n - 1 : -1], q @ s, aq @ s
 
-    def refine(self, idx, theta, z, ritz: bool):
+    def refine(self, idx, theta, z, az, ritz: bool):
         """One Rayleigh-quotient step for problems idx, from the pairs (θ_j, z_j): x_j = (A − θ_j)⁻¹ z_j; then
         Rayleigh–Ritz on span(z, x) when `ritz` (the first step, from rough pairs), else each x_j with its own
         Rayleigh quotient (the steps after, which converge cubically) -> (θ, z, A z)."""
@@ -186,7 +212,7 @@ class _Operators:
             zt = z.transpose(0, 2, 1)
             x -= z @ (zt @ x)  # twice: x is mostly z near convergence
             x -= z @ (zt @ x)
-            return self.ritz(idx, np.concatenate([z, _orthonormal(x)], axis=2))
+            return self.ritz(idx, np.concatenate([z, _orthonormal(x)], axis=2), known=az)
         ax = self.apply(idx, x)
         return (x * ax).sum(axis=1), x, ax
 
