@@ -88,7 +88,6 @@ def analyse_all(names: list[str], base: Weights, tuned: Weights, k: int, thresho
         with _naming(batch[0][1].name):
             solved = solve_pending([p for _, p in batch], threshold, side)
         found.update((index, result) for (index, _), result in zip(batch, solved))
-        trim_heap()  # give back what this batch and the matrices read meanwhile left in the heap
         if done is not None:
             done(len(batch))
 
