@@ -94,8 +94,8 @@ def stable_rank(sigma) -> float:
 
 def low_rank_singular_values(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """All nonzero singular values of left @ right, left (m, r), right (r, n) -> (r,), in O((m + n) r²)."""
-    _, r_left = torch.linalg.qr(left.to(torch.float64))
-    _, r_right = torch.linalg.qr(right.to(torch.float64).T)
+    _, r_left = torch.linalg.qr(left.to(torch.float64), mode="r")  # R only: Q is never formed
+    _, r_right = torch.linalg.qr(right.to(torch.float64).T, mode="r")
     return torch.linalg.svdvals(r_left @ r_right.T)
 
 
