@@ -67,16 +67,34 @@ _HARMLESS_FIELDS = set(
 )
 
 
+@dataclass(frozen=True)
+class _Stored:
+    """One tensor of the adapter file, read when it is used: an analysis holds one module's factors at a time,
+    not the whole adapter (88 MB at r = 64 on Gemma 3 270M, GBs on a 7B model)."""
+
+    file: Weights
+    key: str
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def read(self) -> torch.Tensor:
+        """The tensor, in float64."""
+        return self.file.get(self.key).double()
+
+
 @dataclass
 class _LoraModule:
     """The LoRA factors of one adapted module; `path` is PEFT's module name, e.g. `model.layers.0.mlp.fc1`."""
 
     path: str
     embedding: bool = False
-    A: torch.Tensor | None = None  # (r, in), as stored
-    B: torch.Tensor | None = None  # (out, r), as stored
-    bias: torch.Tensor | None = None  # (out,) lora_B.bias
-    magnitude: torch.Tensor | None = None  # (out,) DoRA's m
+    A: _Stored | None = None  # (r, in)
+    B: _Stored | None = None  # (out, r)
+    bias: _Stored | None = None  # (out,) lora_B.bias
+    magnitude: _Stored | None = None  # (out,) DoRA's m
     scale: float = 1.0
     weight_key: str = ""  # the base tensor it updates
     bias_key: str | None = None
@@ -132,7 +150,7 @@ class AdapterWeights(Weights):
                 field, embedding = _FACTOR_SUFFIXES[suffix]
                 path = name[: -len(suffix)]
                 module = modules.setdefault(path, _LoraModule(path))
-                setattr(module, field, file.get(key))  # stored dtype: half the memory of float64
+                setattr(module, field, _Stored(file, key, tuple(file.shape(key))))
                 module.embedding = module.embedding or bool(embedding)
             elif any(part in name for part in _IGNORED_PARTS):
                 continue
@@ -265,7 +283,7 @@ class AdapterWeights(Weights):
             return self._merged_weight(self._by_weight[name])
         if name in self._by_bias:
             module = self._by_bias[name]
-            return self._effective_base(name) + module.scale * module.bias.double()
+            return self._effective_base(name) + module.scale * module.bias.read()
         if name in self._replaced:
             return self._effective_base(name)
         if name not in self._base_key_set:
@@ -282,9 +300,9 @@ class AdapterWeights(Weights):
         """W' = W + s·B@A, or DoRA's (m / ‖W + s·B@A‖ per output row) · (W + s·B@A); in the stored layout."""
         weight = self._effective_base(module.weight_key)
         weight = weight.T if module.transposed else weight  # (out, in)
-        merged = weight + module.scale * (module.B.double() @ module.A.double())
+        merged = weight + module.scale * (module.B.read() @ module.A.read())
         if module.magnitude is not None:
-            merged = (module.magnitude.double() / torch.linalg.norm(merged, dim=1))[:, None] * merged
+            merged = (module.magnitude.read() / torch.linalg.norm(merged, dim=1))[:, None] * merged
         return (merged.T if module.transposed else merged).contiguous()
 
     def low_rank_update(self, name: str) -> LowRankUpdate | None:
@@ -294,9 +312,9 @@ class AdapterWeights(Weights):
         if module is None or module.magnitude is not None or not self._base_kept(name):
             return None
         if module.transposed:  # (s·B@A)ᵀ = (s·Aᵀ) @ Bᵀ: left (in, r), right (r, out)
-            return LowRankUpdate(left=(module.scale * module.A.double().T).contiguous(),
-                                 right=module.B.double().T.contiguous())
-        return LowRankUpdate(left=module.scale * module.B.double(), right=module.A.double())
+            return LowRankUpdate(left=(module.scale * module.A.read().T).contiguous(),
+                                 right=module.B.read().T.contiguous())
+        return LowRankUpdate(left=module.scale * module.B.read(), right=module.A.read())
 
     def _base_kept(self, name: str) -> bool:
         """Whether the tensor under a LoRA update is the base's own (a saved embedding layer usually is)."""
