@@ -33,7 +33,7 @@ import torch
 
 from intruder import find_intruders, open_weights
 from intruder.analysis._reference import brute_force
-from intruder.analysis._runtime import workers as analysis_workers
+from intruder.analysis._runtime import worker_count
 from intruder.synthetic import PROJECTIONS, random_adapter
 
 OUT = Path(__file__).parent / "out"
@@ -216,7 +216,7 @@ def _memory_child(base: Path, adapter: str, cache: str, threads: str) -> None:
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
     find_intruders(base, adapter, cache_dir=cache, progress=False)
     peak = _status("VmHWM")
-    workers = analysis_workers(torch.device("cpu"), len(changed) if changed else 1)
+    workers = worker_count(torch.device("cpu"), len(changed) if changed else 1)
     print(json.dumps({"peak_mib": (peak - baseline) / 2**20, "matrix_mib": shape[0] * shape[1] * 8 / 2**20,
                       "largest": largest, "shape": list(shape), "workers": workers}))
 

@@ -54,6 +54,8 @@ def _add_analysis_options(p) -> None:
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--cache-dir", help="where base factors are cached (default ~/.cache/intruder)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the factor cache")
+    p.add_argument("--workers", type=int, help="matrices analysed side by side on a CPU (default: one per torch "
+                                                "thread); 1 holds one at a time, the least memory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -77,7 +79,7 @@ def _analyze(args) -> int:
         report = find_intruders(base, args.tuned, threshold=args.threshold, top_k=args.top_k,
                                 side=args.side, layers=args.layers, device=args.device,
                                 cache_dir=False if args.no_cache else args.cache_dir,
-                                progress=main_rank and not args.quiet)
+                                progress=main_rank and not args.quiet, workers=args.workers)
     finally:
         distributed.close()
     if not main_rank:
@@ -134,7 +136,8 @@ def _mitigate(args) -> int:
 
     result = scale_intruders(args.base, args.tuned, args.out, lam=args.lam, threshold=args.threshold,
                              top_k=args.top_k, side=args.side, layers=args.layers, device=args.device,
-                             cache_dir=False if args.no_cache else args.cache_dir, progress=not args.quiet)
+                             cache_dir=False if args.no_cache else args.cache_dir, progress=not args.quiet,
+                             workers=args.workers)
     print(result.summary())
     return 0
 
@@ -165,7 +168,8 @@ def _report(args) -> int:
         page = write_report(args.inputs, args.out, labels=args.labels, base=args.base, threshold=args.threshold,
                             top_k=args.top_k, side=args.side, layers=args.layers, every_epoch=not args.last_only,
                             device=args.device, cache_dir=False if args.no_cache else args.cache_dir,
-                            title=args.title, formats=args.formats, progress=not args.quiet)
+                            title=args.title, formats=args.formats, progress=not args.quiet,
+                            workers=args.workers)
     for warning in caught:
         print(f"intruder: warning: {warning.message}", file=sys.stderr)
     print(f"wrote {page}, {page.with_name('report.md')}, {page.parent / 'figures'} and {page.parent / 'analysis'}")

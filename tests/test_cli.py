@@ -34,7 +34,7 @@ def test_analyze_an_adapter_with_options(tmp_path, capsys):
     base, _ = models(tmp_path)
     adapter = random_adapter(base, tmp_path / "adapter", rank=4, strength=5.0, targets=("up_proj",))
     code = main(["analyze", str(base), str(adapter), "--top-k", "5", "--side", "both", "--threshold", "0.3",
-                 "--layers", "up_proj", "--out", str(tmp_path / "r.csv"), "--quiet"])
+                 "--layers", "up_proj", "--out", str(tmp_path / "r.csv"), "--quiet", "--workers", "1"])
     assert code == 0
     assert "k=5, ε=0.3, side=both" in capsys.readouterr().out
     assert (tmp_path / "r.csv").read_text().startswith("name,")

@@ -77,12 +77,12 @@ class Workspace:
         return buf[: w.numel()].view(w.shape).copy_(w)
 
 
-def workers(device: torch.device, matrices: int) -> int:
-    """How many matrices to analyse side by side: one per torch thread on a CPU (at most MAX_WORKERS), one on
-    a GPU. Each worker holds about two copies of its matrix."""
+def worker_count(device: torch.device, matrices: int, asked: int | None = None) -> int:
+    """How many matrices to analyse side by side: `asked`, else one per torch thread on a CPU (at most
+    MAX_WORKERS); one on a GPU; never more than there are matrices. Each worker holds its own matrix."""
     if device.type != "cpu":
         return 1
-    return max(1, min(torch.get_num_threads(), MAX_WORKERS, matrices))
+    return max(1, min(asked or min(torch.get_num_threads(), MAX_WORKERS), matrices))
 
 
 MAX_WORKERS = 8

@@ -32,7 +32,7 @@ from .spectra import FactorCache
 
 def find_intruders(base, tuned, *, threshold: float = 0.5, top_k: int = 10, side: str = "left",
                    layers=None, device=None, cache_dir=None, progress: bool = True,
-                   distributed: bool | None = None) -> IntruderReport:
+                   distributed: bool | None = None, workers: int | None = None) -> IntruderReport:
     """Find the intruder dimensions of every matrix that fine-tuning changed.
 
     base: the pretrained model; tuned: the fine-tuned one, or a PEFT LoRA adapter directory. Each may be
@@ -47,8 +47,11 @@ def find_intruders(base, tuned, *, threshold: float = 0.5, top_k: int = 10, side
     distributed: None (default) splits the matrices among the ranks of an initialised torch.distributed process
         group of several processes, if there is one (every rank must call, and gets the whole report); False
         analyses everything in this process; True requires such a group. See `parallel.py`.
+    workers: how many matrices a CPU analyses side by side (in each process): default one per torch thread,
+        at most 8. Each holds its own matrix, so memory grows with them; 1 holds one matrix at a time.
     """
     check_options(threshold, top_k, side)
+    check_workers(workers, device)
     group = use_group(distributed)
     with together_if(group, "opening the models"):
         device = check_device(device_for_rank(device) if group else device)
@@ -60,11 +63,11 @@ def find_intruders(base, tuned, *, threshold: float = 0.5, top_k: int = 10, side
     try:
         if group:
             results, skipped, spread = analyse_shared(names, base_w, tuned_w, top_k, threshold, side, device,
-                                                      cache, progress)
+                                                      cache, progress, workers)
         else:
             bar = _progress(len(names), progress)
             results, skipped = analyse_all(names, base_w, tuned_w, top_k, threshold, side, device, cache,
-                                           bar.update)
+                                           bar.update, workers)
             bar.close()
             spread = {}
     finally:
@@ -92,6 +95,17 @@ def check_options(threshold: float, top_k: int, side: str) -> None:
         raise IntruderError(f"threshold={threshold}: a cosine threshold must lie in (0, 1], e.g. 0.5")
     if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1:
         raise IntruderError(f"top_k={top_k!r}: give a positive whole number of tuned singular vectors, e.g. 10")
+
+
+def check_workers(workers, device) -> None:
+    """Raise IntruderError unless `workers` is None or a positive whole number, and 1 on a GPU."""
+    if workers is None:
+        return
+    if not isinstance(workers, numbers.Integral) or isinstance(workers, bool) or workers < 1:
+        raise IntruderError(f"workers={workers!r}: give a positive whole number of matrices to analyse side by "
+                            "side, e.g. 1 for the least memory, or leave it out (one per torch thread)")
+    if workers > 1 and str(device or "cpu").startswith("cuda"):
+        raise IntruderError(f"workers={workers}: a GPU analyses one matrix at a time; leave workers out")
 
 
 def check_device(device) -> torch.device:

@@ -100,7 +100,7 @@ class MitigationResult:
 
 def scale_intruders(base, tuned, out, *, lam: float = 0.5, threshold: float = 0.5, top_k: int = 10,
                     side: str = "left", layers=None, device=None, cache_dir=None,
-                    progress: bool = True) -> MitigationResult:
+                    progress: bool = True, workers: int | None = None) -> MitigationResult:
     """Scale the intruder dimensions of `tuned` by λ and write the result to the directory `out`.
 
     base, tuned: as for `find_intruders` (anything `open_weights` accepts; tuned may be a PEFT LoRA adapter).
@@ -109,7 +109,8 @@ def scale_intruders(base, tuned, out, *, lam: float = 0.5, threshold: float = 0.
         alpha_pattern); any other model gives a safetensors model directory with the tuned directory's
         config, generation config and tokenizer files.
     lam: λ >= 0, the factor on each flagged σ_j (1: unchanged, 0: removed).
-    threshold, top_k, side, layers, device, cache_dir, progress: as for `find_intruders`, which decides I.
+    threshold, top_k, side, layers, device, cache_dir, progress, workers: as for `find_intruders`, which
+        decides I.
     """
     check_lam(lam)
     check_options(threshold, top_k, side)
@@ -119,7 +120,7 @@ def scale_intruders(base, tuned, out, *, lam: float = 0.5, threshold: float = 0.
         adapter = isinstance(tuned_w, AdapterWeights)
         config = _adapter_config(tuned_w) if adapter else None  # refuses DoRA before any work
         scaler = _Scaler.analyse(base_w, tuned_w, lam, threshold=threshold, top_k=top_k, side=side, layers=layers,
-                                 device=device, cache_dir=cache_dir, progress=progress)
+                                 device=device, cache_dir=cache_dir, progress=progress, workers=workers)
         result = MitigationResult(out, "adapter" if adapter else "model", float(lam), threshold, top_k, side,
                                   dict(scaler.flagged), report=scaler.report)
         with atomic_dir(out) as tmp:
@@ -169,9 +170,9 @@ class _Scaler:
 
     @classmethod
     def analyse(cls, base: Weights, tuned: Weights, lam: float, *, threshold, top_k, side, layers, device,
-                cache_dir, progress) -> _Scaler:
+                cache_dir, progress, workers) -> _Scaler:
         report = find_intruders(base, tuned, threshold=threshold, top_k=top_k, side=side, layers=layers,
-                                device=device, cache_dir=cache_dir, progress=progress)
+                                device=device, cache_dir=cache_dir, progress=progress, workers=workers)
         return cls(base, tuned, report, lam, device, None if cache_dir is False else FactorCache(cache_dir))
 
     def correction(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -107,8 +107,8 @@ def estimate_costs(names: list[str], base: Weights, tuned: Weights, cache: Facto
 
 
 def analyse_shared(names: list[str], base: Weights, tuned: Weights, k: int, threshold: float, side: str,
-                   device: torch.device, cache: FactorCache | None,
-                   progress: bool) -> tuple[list[LayerResult], list[str], dict]:
+                   device: torch.device, cache: FactorCache | None, progress: bool,
+                   workers: int | None = None) -> tuple[list[LayerResult], list[str], dict]:
     """`analyse_all` spread over the process group -> (every rank's LayerResults in the order of `names`, the
     names whose W_t equals W_0, meta: world size, devices, per-rank matrices, cost share and seconds).
     Collective: every rank calls it with the same names and gets the same answer."""
@@ -119,7 +119,7 @@ def analyse_shared(names: list[str], base: Weights, tuned: Weights, k: int, thre
     shares = plan(costs, distributed.world_size())
     mine = shares[distributed.rank()]
     done, error = _analyse_share([names[i] for i in mine], base, tuned, k, threshold, side, device, cache,
-                                 _Notice(run), progress)
+                                 _Notice(run), progress, workers)
     distributed.agree(error, f"analysing its {len(mine)} of the {len(names)} matrices")
     seconds = time.perf_counter() - start
     gathered = distributed.all_gather_objects((list(zip(mine, done)), str(device), seconds))
@@ -133,8 +133,8 @@ def analyse_shared(names: list[str], base: Weights, tuned: Weights, k: int, thre
 
 
 def _analyse_share(share: list[str], base: Weights, tuned: Weights, k: int, threshold: float, side: str,
-                   device: torch.device, cache: FactorCache | None, notice: _Notice,
-                   progress: bool) -> tuple[list[LayerResult | None], BaseException | None]:
+                   device: torch.device, cache: FactorCache | None, notice: _Notice, progress: bool,
+                   workers: int | None) -> tuple[list[LayerResult | None], BaseException | None]:
     """This rank's matrices -> (one LayerResult or None (unchanged) per name of `share`, the error it met).
     Stops early, without an error of its own, when another rank posts a failure."""
     from tqdm.auto import tqdm
@@ -150,7 +150,7 @@ def _analyse_share(share: list[str], base: Weights, tuned: Weights, k: int, thre
             raise _Stopped
 
     try:
-        results, skipped = analyse_all(share, base, tuned, k, threshold, side, device, cache, step)
+        results, skipped = analyse_all(share, base, tuned, k, threshold, side, device, cache, step, workers)
     except _Stopped:
         return [], None
     except Exception as exc:  # noqa: BLE001 - posted, then settled with every rank

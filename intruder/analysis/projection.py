@@ -18,7 +18,7 @@ import torch
 
 from ..errors import NonFiniteError, ShapeMismatchError
 from ..weights import LowRankUpdate, Weights
-from ._runtime import Workspace, cpu_threads, trim_heap, workers
+from ._runtime import Workspace, cpu_threads, trim_heap, worker_count
 from .eigen import top_eigenpairs, top_eigenpairs_gram, top_eigenpairs_many
 from .results import LayerResult
 from .spectra import BaseFactors, FactorCache, base_factors, low_rank_singular_values, singular_values
@@ -55,11 +55,13 @@ class Matrix:
 
 
 def analyse_all(names: list[str], base: Weights, tuned: Weights, k: int, threshold: float, side: str,
-                device: torch.device, cache: FactorCache | None, done=None) -> tuple[list[LayerResult], list[str]]:
+                device: torch.device, cache: FactorCache | None, done=None,
+                workers: int | None = None) -> tuple[list[LayerResult], list[str]]:
     """Analyse `names` -> (their LayerResults in order, the names whose W_t equals W_0).
 
-    On a CPU, `workers` threads analyse matrices side by side, each with its own buffers and one BLAS thread
-    (the work on one matrix is a chain of small products that a second thread would not speed up): each
+    On a CPU, `workers` threads (default: one per torch thread, see `worker_count`) analyse matrices side by
+    side, each with its own buffers and one BLAS thread (the work on one matrix is a chain of small products
+    that a second thread would not speed up): each
     reads a matrix and reduces a low-rank one to its small eigenproblem (`reduce`), and, once SOLVE_BATCH of
     one size are waiting, solves those together (`eigen.top_eigenpairs_many`), so that the Python between
     the solver's LAPACK calls is paid once per batch. Reading, products and solves release the GIL. At most
@@ -67,7 +69,7 @@ def analyse_all(names: list[str], base: Weights, tuned: Weights, k: int, thresho
     in the order of `names` is raised, after the matrices in progress finish. done: called (from any of the
     threads) with the number of matrices finished.
     """
-    count = workers(device, len(names))
+    count = worker_count(device, len(names), workers)
     share = torch.get_num_threads() if count == 1 else 1  # threads for a base decomposition (see load)
     local = threading.local()
 

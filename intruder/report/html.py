@@ -80,13 +80,14 @@ class _Canvas:
 
 def write_report(inputs, out_dir, *, labels=None, base=None, threshold: float = 0.5, top_k: int = 10,
                  side: str = "left", layers=None, every_epoch: bool = True, device=None, cache_dir=None,
-                 title: str = "Intruder dimensions", formats=("png", "svg"), progress: bool = False) -> Path:
+                 title: str = "Intruder dimensions", formats=("png", "svg"), progress: bool = False,
+                 workers: int | None = None) -> Path:
     """Load or analyse each input, draw its figures and write OUT/report.html and OUT/report.md.
 
     inputs: paths of saved IntruderReport JSON files and training run directories, in the order to show.
     labels: one name per input for headings and legends (default: the file or directory name).
     base: the base model of the runs, instead of their config's "model_path" (for a run trained elsewhere).
-    threshold, top_k, side, layers, device, cache_dir: as in `find_intruders`, for the runs analysed here; a
+    threshold, top_k, side, layers, device, cache_dir, workers: as in `find_intruders`, for the runs analysed here; a
         saved report keeps the settings it was computed with.
     every_epoch: analyse every epoch checkpoint of a run, for intruders against epoch, not only the last;
         the base factors are cached, so each more checkpoint costs about one LoRA analysis.
@@ -100,7 +101,7 @@ def write_report(inputs, out_dir, *, labels=None, base=None, threshold: float = 
         raise IntruderError("no input: pass saved report JSON files or training run directories")
     out = check_output_dir(out_dir)
     options = {"threshold": threshold, "top_k": top_k, "side": side, "layers": layers, "device": device,
-               "cache_dir": cache_dir, "progress": progress}
+               "cache_dir": cache_dir, "progress": progress, "workers": workers}
     items = [_load(p, label, base, every_epoch, options) for p, label in zip(paths, _labels(paths, labels))]
     for item, slug in zip(items, _unique([_slug(i.label) for i in items])):
         item.slug = slug

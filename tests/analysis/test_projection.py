@@ -11,6 +11,8 @@ from safetensors.torch import load_file, save_file
 import intruder.analysis.projection as projection
 import intruder.analysis.spectra as spectra
 from intruder import IntruderError, find_intruders
+from intruder.analysis._runtime import worker_count
+from intruder.analysis.intruders import check_workers
 from intruder.analysis.spectra import base_factors
 from intruder.synthetic import random_adapter, random_base
 
@@ -30,42 +32,56 @@ def models(tmp_path_factory):
     return base, adapter, bad
 
 
-def _report(base, tuned, cache, workers, monkeypatch, **kw):
-    monkeypatch.setattr(projection, "workers", lambda device, n: workers)
-    report = json.loads(find_intruders(base, tuned, cache_dir=cache, progress=False, **kw).to_json())
+def _report(base, tuned, cache, workers, **kw):
+    report = json.loads(find_intruders(base, tuned, cache_dir=cache, progress=False, workers=workers, **kw).to_json())
     report.pop("meta")
     return report
 
 
 @pytest.mark.parametrize("workers", [2, 3])
-def test_workers_write_the_report_one_worker_writes(models, tmp_path, monkeypatch, workers):
+def test_workers_write_the_report_one_worker_writes(models, tmp_path, workers):
     base, adapter, _ = models
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # one worker decomposes with every thread: one here, as each of several does
     try:
-        one = _report(base, adapter, tmp_path / "c1", 1, monkeypatch)
+        one = _report(base, adapter, tmp_path / "c1", 1)
     finally:
         torch.set_num_threads(before)
-    cold = _report(base, adapter, tmp_path / f"c{workers}", workers, monkeypatch)  # decompositions side by side
-    warm = _report(base, adapter, tmp_path / f"c{workers}", workers, monkeypatch)
+    cold = _report(base, adapter, tmp_path / f"c{workers}", workers)  # decompositions side by side
+    warm = _report(base, adapter, tmp_path / f"c{workers}", workers)
     assert json.dumps(one) == json.dumps(cold) == json.dumps(warm)  # every number, every name, in order
     assert len(one["layers"]) == 14
 
 
-def test_the_first_failure_in_order_is_raised_naming_its_tensor(models, tmp_path, monkeypatch):
+def test_the_first_failure_in_order_is_raised_naming_its_tensor(models, tmp_path):
     base, _, bad = models
-    monkeypatch.setattr(projection, "workers", lambda device, n: 3)
     with pytest.raises(IntruderError, match=r"'model\.layers\.0\.mlp\.up_proj\.weight' .* NaN/Inf"):
-        find_intruders(base, bad, cache_dir=tmp_path / "c", progress=False)
+        find_intruders(base, bad, cache_dir=tmp_path / "c", progress=False, workers=3)
 
 
-def test_progress_counts_every_matrix_once(models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
+def test_a_bad_number_of_workers_is_refused_before_any_work(models, tmp_path, workers):
+    base, adapter, _ = models
+    with pytest.raises(IntruderError, match=r"workers=.*positive whole number"):
+        find_intruders(base, adapter, cache_dir=tmp_path / "c", progress=False, workers=workers)
+    assert not (tmp_path / "c").exists()
+
+
+def test_workers_are_capped_by_the_matrices_and_one_on_a_gpu():
+    assert worker_count(torch.device("cpu"), 3, 8) == 3
+    assert worker_count(torch.device("cpu"), 100, 1) == 1
+    assert worker_count(torch.device("cpu"), 100) == min(torch.get_num_threads(), 8)
+    assert worker_count(torch.device("cuda"), 100, 4) == 1
+    with pytest.raises(IntruderError, match="a GPU analyses one matrix at a time"):
+        check_workers(2, "cuda")
+
+
+def test_progress_counts_every_matrix_once(models, tmp_path):
     base, adapter, _ = models
     counts = []
-    monkeypatch.setattr(projection, "workers", lambda device, n: 2)
     names = [n for n in load_file(base / "model.safetensors") if "proj" in n]
     results, unchanged = projection.analyse_all(
-        names, *_opened(base, adapter), 10, 0.5, "left", torch.device("cpu"), None, counts.append)
+        names, *_opened(base, adapter), 10, 0.5, "left", torch.device("cpu"), None, counts.append, workers=2)
     assert sum(counts) == len(names) == len(results) + len(unchanged)
 
 
