@@ -135,14 +135,15 @@ def scale_intruders(base, tuned, out, *, lam: float = 0.5, threshold: float = 0.
 
 
 def scaled_matrices(base, tuned, *, lam: float = 0.5, threshold: float = 0.5, top_k: int = 10, side: str = "left",
-                    layers=None, device=None, cache_dir=None,
-                    progress: bool = True) -> Iterator[tuple[str, torch.Tensor, int]]:
+                    layers=None, device=None, cache_dir=None, progress: bool = True,
+                    workers: int | None = None) -> Iterator[tuple[str, torch.Tensor, int]]:
     """Yield (name, W' float32 in the tensor's stored layout (out, in), |I|) for each analysed matrix with at
     least one intruder, without writing anything; the options are those of `scale_intruders`."""
     check_lam(lam)
     check_options(threshold, top_k, side)
     return _scaled_matrices(base, tuned, lam, dict(threshold=threshold, top_k=top_k, side=side, layers=layers,
-                                                   device=device, cache_dir=cache_dir, progress=progress))
+                                                   device=device, cache_dir=cache_dir, progress=progress,
+                                                   workers=workers))
 
 
 def _scaled_matrices(base, tuned, lam: float, options: dict) -> Iterator[tuple[str, torch.Tensor, int]]:
