@@ -61,13 +61,12 @@ def analyse_all(names: list[str], base: Weights, tuned: Weights, k: int, thresho
 
     On a CPU, `workers` threads (default: one per torch thread, see `worker_count`) analyse matrices side by
     side, each with its own buffers and one BLAS thread (the work on one matrix is a chain of small products
-    that a second thread would not speed up): each
-    reads a matrix and reduces a low-rank one to its small eigenproblem (`reduce`), and, once SOLVE_BATCH of
-    one size are waiting, solves those together (`eigen.top_eigenpairs_many`), so that the Python between
-    the solver's LAPACK calls is paid once per batch. Reading, products and solves release the GIL. At most
-    workers + 1 matrices are read ahead of this thread, which puts the results in order. The first failure
-    in the order of `names` is raised, after the matrices in progress finish. done: called (from any of the
-    threads) with the number of matrices finished.
+    that a second thread would not speed up): each reads a matrix and reduces a low-rank one to its small
+    eigenproblem (`reduce`), and, once SOLVE_BATCH of one size are waiting, solves those together
+    (`eigen.top_eigenpairs_many`), so that the Python between the solver's LAPACK calls is paid once per
+    batch. Reading, products and solves release the GIL. At most workers + 1 matrices are read ahead of this
+    thread, which puts the results in order. The first failure in the order of `names` is raised, after the
+    matrices in progress finish. done: called (from any of the threads) with the number of matrices finished.
     """
     count = worker_count(device, len(names), workers)
     share = torch.get_num_threads() if count == 1 else 1  # threads for a base decomposition (see load)
