@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..analysis.results import IntruderReport, LayerResult
+from ..outputs import atomic_write
 from ..training.runs import Curves, TrainingRun, curves, read_metrics
 
 # Okabe & Ito (2008), safe for the common colour-vision deficiencies; a perceptually uniform map for heat maps
@@ -263,8 +264,9 @@ def plot_intruders_by_epoch(reports, epochs: Sequence[float] | None = None, *, t
 
 def save_figure(ax_or_fig, path_stem, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
     """Write the figure of `ax_or_fig` to `<path_stem>.<fmt>` for each format (PNG at 150 dpi), creating the
-    parent directory; SVG and PDF carry no timestamp and SVG ids are salted with a fixed string, so files differ
-    only where the drawing does. Returns the paths."""
+    parent directory; each file is written beside its place and renamed in, so an interrupted save leaves the
+    figure that was there. SVG and PDF carry no timestamp and SVG ids are salted with a fixed string, so files
+    differ only where the drawing does. Returns the paths."""
     fig = ax_or_fig.figure if isinstance(ax_or_fig, Axes) else ax_or_fig
     if not isinstance(fig, Figure):
         raise TypeError(f"save_figure takes a matplotlib Axes or Figure, got {type(ax_or_fig).__name__}")
@@ -280,7 +282,8 @@ def save_figure(ax_or_fig, path_stem, formats: Sequence[str] = ("png", "svg")) -
         for fmt in formats:
             path = stem.with_name(f"{stem.name}.{fmt}")  # not with_suffix: stems like "layer.3" keep their dots
             metadata = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}.get(fmt)
-            fig.savefig(path, format=fmt, dpi=150, metadata=metadata)
+            atomic_write(path, lambda tmp, fmt=fmt, metadata=metadata: fig.savefig(tmp, format=fmt, dpi=150,
+                                                                                  metadata=metadata))
             paths.append(path)
     return paths
 

@@ -6,6 +6,7 @@ matplotlib.use("Agg")
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -177,6 +178,21 @@ def test_save_figure(report, tmp_path):
         save_figure(ax, tmp_path / "x", formats=("nope",))
     with pytest.raises(TypeError):
         save_figure("not a figure", tmp_path / "x")
+
+
+def test_an_interrupted_save_leaves_the_figure_that_was_there(report, tmp_path, monkeypatch):
+    ax = plot_intruder_map(report)
+    (png,) = save_figure(ax, tmp_path / "map", formats=("png",))
+    before = png.read_bytes()
+
+    def interrupted(path, **kw):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ax.figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_figure(ax, tmp_path / "map", formats=("png",))
+    assert png.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["map.png"]
 
 
 def test_empty_inputs_raise(report):
