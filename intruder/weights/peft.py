@@ -1,7 +1,8 @@
 """A PEFT LoRA adapter merged lazily over its base model, one tensor at a time.
 
-`AdapterWeights(adapter_dir, base=...)` reads `adapter_config.json` and the (small) LoRA factors once, then
-serves the merged model with PEFT's `merge_and_unload` semantics (PEFT 0.21, `peft/tuners/lora/`):
+`AdapterWeights(adapter_dir, base=...)` checks `adapter_config.json` (`peft_config.py`) and the shapes of the
+LoRA factors, then serves the merged model with PEFT's `merge_and_unload` semantics (PEFT 0.21,
+`peft/tuners/lora/`), reading each module's factors when it is used:
 
 - ΔW = s · B @ A, B (out, r), A (r, in), s = α/r, or α/√r with `use_rslora`; r and α per module from
   `rank_pattern` / `alpha_pattern` (PEFT's `get_pattern_key` matching).
@@ -19,17 +20,16 @@ with an `AdapterError` naming the config field.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import AdapterError, CorruptWeightsError, OfflineError, ShapeMismatchError, WeightsNotFoundError
+from ..errors import AdapterError, OfflineError, ShapeMismatchError, WeightsNotFoundError
 from .base import LowRankUpdate, Weights
 from .hub import looks_like_hub_id
+from .peft_config import check_config, check_rank, check_rank_fields, is_number, per_module, read_config
 from .safetensors import SafetensorsWeights
 from .torch_bin import TorchBinWeights
 
@@ -44,27 +44,6 @@ _FACTOR_SUFFIXES = {  # checkpoint key suffix -> (_LoraModule field, embedding l
 }
 # State of LoRA variants whose merge is plain LoRA (PEFT variants.py: VeLoRA, MonteCLoRA): not part of ΔW.
 _IGNORED_PARTS = (".lora_velora_embed", ".lora_monteclora_sampler.")
-
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")  # initialise A/B only, never the base
-_BASE_ALTERING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")  # subtract their init from the base
-_REFUSED_FIELDS = {
-    "layer_replication": "it duplicates base layers, so the merged model has tensors the base lacks",
-    "target_parameters": "LoRA on bare nn.Parameters (e.g. fused MoE experts) is not supported",
-    "trainable_token_indices": "trainable-token rows are not supported",
-    "use_qalora": "QALoRA's A acts on pooled inputs and has no dense merge",
-    "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens and cannot be merged",
-    "arrow_config": "Arrow routes tokens between experts and cannot be merged",
-    "use_bdlora": "block-diagonal LoRA factors are not supported",
-    "kasa_config": "KaSA truncates the base weight's SVD and adds a learned diagonal",
-}
-# Fields that select modules, configure training or are bookkeeping: they do not change the merge.
-_HARMLESS_FIELDS = set(
-    "task_type peft_type auto_mapping peft_version base_model_name_or_path revision inference_mode r "
-    "target_modules exclude_modules lora_alpha lora_dropout fan_in_fan_out bias use_rslora modules_to_save "
-    "init_lora_weights layers_to_transform layers_pattern rank_pattern alpha_pattern megatron_config "
-    "megatron_core loftq_config eva_config corda_config lora_ga_config use_dora velora_config "
-    "qalora_group_size monteclora_config runtime_config lora_bias ensure_weight_tying".split()
-)
 
 
 @dataclass(frozen=True)
@@ -116,14 +95,14 @@ class AdapterWeights(Weights):
 
         self.path = Path(path)
         self.source = str(path)
-        config = _read_config(self.path)
+        config = read_config(self.path)
         if residual_base and base is None:
             raise AdapterError(
                 "residual_base=True needs base=: the residual model the adapter was trained on"
             )
-        _check_config(config, self.path, residual_base=residual_base)
+        check_config(config, self.path, residual_base=residual_base)
         self._file = _open_adapter_file(self.path)  # before the base, which may be a download
-        _check_rank_fields(config, self.path, self._file)
+        check_rank_fields(config, self.path, self._file)
         self._owns_base = not isinstance(base, Weights)
         self._base = open_weights(base) if base is not None else _open_default_base(config, self.path)
         self._base_keys = self._base.keys()
@@ -209,10 +188,10 @@ class AdapterWeights(Weights):
                 f"{where} has LoRA factors of shape {tuple(module.A.shape)}: convolution LoRA "
                 "layers are not supported"
             )
-        r, r_field = _per_module(config, "rank_pattern", "r", module.path)
-        alpha, alpha_field = _per_module(config, "alpha_pattern", "lora_alpha", module.path)
-        _check_rank(r, r_field, self.path)
-        if not _is_number(alpha):
+        r, r_field = per_module(config, "rank_pattern", "r", module.path)
+        alpha, alpha_field = per_module(config, "alpha_pattern", "lora_alpha", module.path)
+        check_rank(r, r_field, self.path)
+        if not is_number(alpha):
             raise AdapterError(f"{self.path / 'adapter_config.json'}: `{alpha_field}` is {alpha!r}; LoRA's α "
                                "must be a number: fix adapter_config.json")
         if module.A.shape[0] != r or module.B.shape[1] != r:
@@ -337,103 +316,6 @@ class AdapterWeights(Weights):
         self._file.close()
         if self._owns_base:
             self._base.close()
-
-
-def _read_config(path: Path) -> dict:
-    file = path / "adapter_config.json"
-    if not file.exists():
-        raise WeightsNotFoundError(
-            f"{file} does not exist: pass a PEFT adapter directory saved by save_pretrained"
-        )
-    try:
-        config = json.loads(file.read_text())
-    except ValueError as exc:
-        raise CorruptWeightsError(f"{file} is not valid JSON ({exc}); save the adapter again") from exc
-    if not isinstance(config, dict):
-        raise CorruptWeightsError(f"{file} holds a JSON {type(config).__name__}, not an object")
-    return config
-
-
-def _check_config(config: dict, path: Path, *, residual_base: bool) -> None:
-    """Refuse every config field that changes the merge in a way this module does not reproduce exactly."""
-    file = path / "adapter_config.json"
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(
-            f"{file}: peft_type is {config.get('peft_type')!r}; only LoRA adapters (peft_type "
-            "'LORA') can be merged"
-        )
-    init = config.get("init_lora_weights", True)
-    init = init.lower() if isinstance(init, str) else init
-    if isinstance(init, str) and init.startswith(_BASE_ALTERING_INITS):
-        if not residual_base:
-            raise AdapterError(
-                f"{file}: init_lora_weights={init!r} subtracts the initial adapter from the base weights, so "
-                "the adapter only means something over that residual model: pass it with AdapterWeights("
-                "adapter_dir, base=residual_model, residual_base=True), or convert the adapter to a plain "
-                "LoRA of the original base with save_pretrained(..., "
-                "path_initial_model_for_weight_conversion=...)"
-            )
-    elif init not in _PLAIN_INITS:
-        raise AdapterError(
-            f"{file}: unknown init_lora_weights={init!r}; it may alter the base weights, so the "
-            "adapter cannot be merged safely"
-        )
-    for field, why in _REFUSED_FIELDS.items():
-        if config.get(field):
-            raise AdapterError(
-                f"{file}: `{field}` is set ({config[field]!r}): {why}, so this adapter cannot be "
-                "merged exactly here; if PEFT can merge it, analyse the checkpoint merge_and_unload() saves"
-            )
-    for field, value in config.items():
-        if field not in _HARMLESS_FIELDS and field not in _REFUSED_FIELDS and value:
-            raise AdapterError(
-                f"{file}: unknown field `{field}`={value!r} (a newer PEFT?); it may change how the "
-                "adapter merges, so it is refused rather than ignored"
-            )
-
-
-def _per_module(config: dict, pattern_field: str, field: str, path: str) -> tuple[float, str]:
-    """r or α of one module, PEFT's way (utils/other.py `get_pattern_key`): the first pattern key k with
-    re.match(rf"(.*\\.)?({k})$", path), else the module's exact name, else the global field (which
-    `_check_rank_fields` has made sure is there)."""
-    pattern = config.get(pattern_field) or {}
-    for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", path):
-            return pattern[key], f"{pattern_field}[{key!r}]"
-    if path in pattern:
-        return pattern[path], f"{pattern_field}[{path!r}]"
-    return config[field], field
-
-
-def _check_rank_fields(config: dict, path: Path, file: Weights) -> None:
-    """`r` and `lora_alpha` are in the config (PEFT writes both; a default would silently change the merge)
-    and `r` is a positive integer."""
-    where = path / "adapter_config.json"
-    factor = next((k for k in file.keys() if k.endswith((".lora_A.weight", ".lora_embedding_A"))), None)
-    rank = file.shape(factor)[0] if factor is not None else None
-    if "r" not in config:
-        add = f'"r": {rank}, the rank of {factor} in {file.source}' if rank else '"r": <the LoRA rank>'
-        raise AdapterError(f"{where} has no `r` field (the LoRA rank), so the merge's scale α/r is unknown: "
-                           f"add {add}")
-    if "lora_alpha" not in config:
-        raise AdapterError(f"{where} has no `lora_alpha` field (LoRA's α, the update's scale is α/r): add "
-                           '"lora_alpha": <the α the adapter was trained with> (PEFT would assume 8)')
-    _check_rank(config["r"], "r", path)
-
-
-def _check_rank(r, field: str, path: Path) -> None:
-    """A LoRA rank is a positive integer; r = 0 is refused (as PEFT does) rather than read as "no update"."""
-    where = f"{path / 'adapter_config.json'}: r = {r!r} (from `{field}`)"
-    if not isinstance(r, bool) and r == 0:
-        raise AdapterError(f"{where}: a LoRA adapter needs a positive rank (PEFT refuses r = 0 too), and a rank-0 "
-                           "adapter changes nothing: analyse the base model itself, or set r to the rank the "
-                           "adapter was trained with")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-        raise AdapterError(f"{where}: a LoRA rank must be a positive integer; fix adapter_config.json")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _open_default_base(config: dict, path: Path) -> Weights:
