@@ -181,11 +181,10 @@ class _Operators:
         g[:, :h, h:] = head @ (qmat @ pu)
         g[:, h:, :h] = g[:, :h, h:].transpose(0, 2, 1)
         g[:, h:, h:] = (u.transpose(0, 2, 1) * d[:, None, :]) @ u + pu.transpose(0, 2, 1) @ qmat @ pu
-        theta, s = np.linalg.eigh((g + g.transpose(0, 2, 1)) * 0.5)
-        s = s[:, :, : -self.n - 1 : -1]
+        theta, s = self._top(g)
         z = u @ s[:, h:]
         z[:, :h] += s[:, :h]
-        return theta[:, : -self.n - 1 : -1], z, self.apply(slice(None), z)
+        return theta, z, self.apply(slice(None), z)
 
     def ritz(self, idx, q, known=None):
         """The top n Ritz pairs on span(q_b), q (b, p, c) orthonormal, of problems idx -> θ (b, n) descending,
@@ -194,10 +193,14 @@ class _Operators:
             aq = self.apply(idx, q)
         else:
             aq = np.concatenate([known, self.apply(idx, q[:, :, known.shape[2]:])], axis=2)
-        g = q.transpose(0, 2, 1) @ aq
+        theta, s = self._top(q.transpose(0, 2, 1) @ aq)
+        return theta, q @ s, aq @ s
+
+    def _top(self, g):
+        """The top n eigenpairs of the symmetric part of each g (b, c, c): values (b, n) descending, vectors
+        (b, c, n)."""
         theta, s = np.linalg.eigh((g + g.transpose(0, 2, 1)) * 0.5)
-        s = s[:, :, : -self.n - 1 : -1]
-        return theta[:, : -self.n - 1 : -1], q @ s, aq @ s
+        return theta[:, : -self.n - 1 : -1], s[:, :, : -self.n - 1 : -1]
 
     def refine(self, idx, theta, z, az, ritz: bool):
         """One Rayleigh-quotient step for problems idx, from the pairs (θ_j, z_j): x_j = (A − θ_j)⁻¹ z_j; then
