@@ -33,7 +33,6 @@ from ..errors import AdapterError, IntruderError
 from ..outputs import atomic_dir, versions, write_text
 from ..weights import Weights, open_weights
 from ..weights.peft import AdapterWeights
-from ..weights.peft_config import read_config
 from ..weights.safetensors import write_safetensors
 from .intruders import check_options, find_intruders, tuned_triplets
 from .results import IntruderReport
@@ -229,7 +228,7 @@ def _check_out(out, *inputs) -> Path:
 def _adapter_config(adapter: AdapterWeights) -> dict:
     """The adapter's config (already validated by AdapterWeights), refusing what no exact adapter can hold."""
     file = adapter.path / "adapter_config.json"
-    config = read_config(adapter.path)
+    config = adapter.config
     if config.get("use_dora"):
         raise AdapterError(f"{file}: a DoRA adapter (use_dora) rescales whole rows of W + ΔW, so W' − W_0 is not "
                            "the sum of its LoRA update and the intruder terms and cannot be written as an exact "

@@ -95,7 +95,7 @@ class AdapterWeights(Weights):
 
         self.path = Path(path)
         self.source = str(path)
-        config = read_config(self.path)
+        self.config = config = read_config(self.path)  # as saved: the checks below only read it
         if residual_base and base is None:
             raise AdapterError(
                 "residual_base=True needs base=: the residual model the adapter was trained on"
